@@ -1,0 +1,11 @@
+//! The contract with producers: requests, replies, ids and error codes. No I/O here.
+
+pub mod error;
+pub mod ids;
+pub mod reply;
+pub mod request;
+
+pub use error::{ErrorCode, RequestError};
+pub use ids::{RequestId, UserId};
+pub use reply::{ImageInfo, ReplyDocument, ReplyStatus, Timings};
+pub use request::{GenerationRequest, CONTRACT_VERSION, Params, PartialRequest, RequestDocument, StyleChoice, WireImage, WireParams, WireStyle};

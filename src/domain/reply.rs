@@ -1,0 +1,129 @@
+//! The reply document (contract v1): what a producer gets back for every request.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{ErrorCode, RequestError};
+use super::request::CONTRACT_VERSION;
+
+/// `ok` or `error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyStatus {
+    /// The image is in the body.
+    Ok,
+    /// `error` says why there is no image.
+    Error,
+}
+
+impl ReplyStatus {
+    /// The status as it appears on the wire (and in the `kiln-status` header).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The reply document, carried in the `kiln-reply` header (and in the body of error replies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyDocument {
+    /// Contract version.
+    pub version: u32,
+    /// The request's id; `null` when the request could not be parsed far enough.
+    pub request_id: Option<String>,
+    /// Whether there is an image.
+    pub status: ReplyStatus,
+    /// The model that was asked for; `null` when unknown.
+    pub model: Option<String>,
+    /// The image in the body, when `status` is `ok`.
+    pub image: Option<ImageInfo>,
+    /// Why there is no image, when `status` is `error`.
+    pub error: Option<ErrorInfo>,
+    /// Where the time went.
+    pub timings_ms: Timings,
+    /// The worker that answered.
+    pub worker_id: String,
+}
+
+/// The PNG in the body of a successful reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Always `png`.
+    pub format: String,
+    /// Pixels.
+    pub width: u32,
+    /// Pixels.
+    pub height: u32,
+    /// Size of the body.
+    pub bytes: usize,
+}
+
+/// The error of an error reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Machine-readable, stable.
+    pub code: ErrorCode,
+    /// For humans.
+    pub message: String,
+}
+
+impl From<&RequestError> for ErrorInfo {
+    fn from(e: &RequestError) -> Self {
+        Self {
+            code: e.code,
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// Milliseconds spent in each stage (see `docs/contract.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From the request's creation (or enqueueing) to its receipt by the worker; `null` if unknown.
+    pub queue_wait: Option<f64>,
+    /// Decoding and resizing.
+    pub preprocess: f64,
+    /// The model run.
+    pub inference: f64,
+    /// PNG encoding.
+    pub encode: f64,
+    /// From receipt to the reply being ready.
+    pub total: f64,
+}
+
+impl ReplyDocument {
+    /// A successful reply.
+    pub fn ok(request_id: String, model: String, image: ImageInfo, timings: Timings, worker_id: String) -> Self {
+        Self {
+            version: CONTRACT_VERSION,
+            request_id: Some(request_id),
+            status: ReplyStatus::Ok,
+            model: Some(model),
+            image: Some(image),
+            error: None,
+            timings_ms: timings,
+            worker_id,
+        }
+    }
+
+    /// An error reply.
+    pub fn error(
+        request_id: Option<String>,
+        model: Option<String>,
+        error: &RequestError,
+        timings: Timings,
+        worker_id: String,
+    ) -> Self {
+        Self {
+            version: CONTRACT_VERSION,
+            request_id,
+            status: ReplyStatus::Error,
+            model,
+            image: None,
+            error: Some(error.into()),
+            timings_ms: timings,
+            worker_id,
+        }
+    }
+}

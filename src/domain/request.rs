@@ -1,0 +1,396 @@
+//! The request document (contract v1): its wire form, and the parsed request the worker trusts.
+//!
+//! Parse, don't validate: [`GenerationRequest::parse`] turns raw bytes into a request whose ids,
+//! timestamps and parameters are known to be well-formed, or into the [`RequestError`] that the
+//! producer gets back. Model-specific checks (style range, size limits) happen later, against the
+//! model's manifest, in [`crate::inference`].
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::error::{ErrorCode, RequestError};
+use super::ids::{RequestId, UserId};
+
+/// The contract version this worker speaks.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// The request document exactly as it travels (JSON). Producers in Rust (`kiln submit`) build it;
+/// the worker parses it with [`GenerationRequest::parse`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestDocument {
+    /// Contract version, [`CONTRACT_VERSION`].
+    pub version: u32,
+    /// The producer's id for this request.
+    pub request_id: String,
+    /// The end user the image is for.
+    pub user_id: String,
+    /// A model in the worker's registry.
+    pub model: String,
+    /// Model parameters.
+    #[serde(default, skip_serializing_if = "WireParams::is_empty")]
+    pub params: WireParams,
+    /// The input photo.
+    pub image: WireImage,
+    /// RFC 3339: answer `expired` instead of rendering after this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    /// RFC 3339: when the producer created the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Accepted and ignored: a user's tier never comes from the producer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+/// Model parameters as they travel. Which ones a model takes is the model's business.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireParams {
+    /// `multistyle26`: one style index, or weights by index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<WireStyle>,
+    /// `arbitrary-style`: the picture whose style is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_image: Option<WireImage>,
+    /// 0..=1, how strongly the style is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// The output's longer side in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+}
+
+impl WireParams {
+    fn is_empty(&self) -> bool {
+        self.style.is_none()
+            && self.style_image.is_none()
+            && self.strength.is_none()
+            && self.size.is_none()
+    }
+}
+
+/// A style as it travels: `7`, or `{"3": 0.5, "12": 0.5}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WireStyle {
+    /// One built-in style.
+    Index(i64),
+    /// A blend of built-in styles, by index written in decimal.
+    Blend(BTreeMap<String, f64>),
+}
+
+/// An image as it travels: base64 of a JPEG, PNG or WebP file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireImage {
+    /// Standard base64 (RFC 4648), padding optional.
+    pub data: String,
+}
+
+impl WireImage {
+    /// Wrap encoded image bytes for the wire.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Self {
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    fn decode(&self, what: &str) -> Result<Vec<u8>, RequestError> {
+        BASE64
+            .decode(self.data.as_bytes())
+            .map_err(|e| RequestError::new(ErrorCode::InvalidImage, format!("{what}: not valid base64 ({e})")))
+    }
+}
+
+/// Standard alphabet; padding accepted but not required (producers differ).
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// A style choice, not yet checked against a model's style count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StyleChoice {
+    /// One style index.
+    Single(i64),
+    /// `(index, weight)` pairs as given; weights are checked to be finite and non-negative.
+    Blend(Vec<(i64, f64)>),
+}
+
+/// Parameters of a request, well-formed but not yet checked against a model.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    /// `style`, if given.
+    pub style: Option<StyleChoice>,
+    /// `style_image` bytes (still encoded), if given.
+    pub style_image: Option<Vec<u8>>,
+    /// `strength`, if given; known to be finite.
+    pub strength: Option<f32>,
+    /// `size`, if given.
+    pub size: Option<u32>,
+}
+
+/// A request the worker can act on: every field well-formed.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The producer's id.
+    pub request_id: RequestId,
+    /// The end user.
+    pub user_id: UserId,
+    /// The requested model's name (not yet looked up).
+    pub model: String,
+    /// The parameters.
+    pub params: Params,
+    /// The encoded input image.
+    pub image: Vec<u8>,
+    /// Answer `expired` after this instant.
+    pub deadline: Option<OffsetDateTime>,
+    /// When the producer created the request.
+    pub created_at: Option<OffsetDateTime>,
+}
+
+/// What could be recovered from a request that failed to parse, so the error reply can still
+/// carry the producer's id.
+#[derive(Debug, Clone, Default)]
+pub struct PartialRequest {
+    /// The request id, when it was present and valid.
+    pub request_id: Option<RequestId>,
+    /// The model name, when present.
+    pub model: Option<String>,
+}
+
+impl GenerationRequest {
+    /// Parse a message body. On failure, also returns whatever identifies the request, so that the
+    /// error reply can be correlated.
+    pub fn parse(body: &[u8], max_bytes: usize) -> Result<Self, (RequestError, PartialRequest)> {
+        if body.len() > max_bytes {
+            return Err((
+                RequestError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!("the message is {} bytes; the limit is {max_bytes}", body.len()),
+                ),
+                PartialRequest::default(),
+            ));
+        }
+        let partial = PartialRequest::salvage(body);
+        Self::parse_document(body).map_err(|e| (e, partial))
+    }
+
+    fn parse_document(body: &[u8]) -> Result<Self, RequestError> {
+        // Look at the version first: a v2 document must be told "unsupported version", not
+        // "unknown field".
+        #[derive(Deserialize)]
+        struct VersionProbe {
+            version: Option<serde_json::Value>,
+        }
+        let probe: VersionProbe = serde_json::from_slice(body)
+            .map_err(|e| RequestError::new(ErrorCode::MalformedRequest, format!("the body is not a JSON object: {e}")))?;
+        match probe.version {
+            None => return Err(RequestError::new(ErrorCode::MalformedRequest, "missing field `version`")),
+            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(CONTRACT_VERSION)) => {}
+            Some(serde_json::Value::Number(n)) => {
+                return Err(RequestError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!("version {n} is not supported; this worker speaks version {CONTRACT_VERSION}"),
+                ))
+            }
+            Some(other) => {
+                return Err(RequestError::new(
+                    ErrorCode::MalformedRequest,
+                    format!("`version` must be an integer, got {other}"),
+                ))
+            }
+        }
+        let doc: RequestDocument = serde_json::from_slice(body)
+            .map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
+        Self::from_document(doc)
+    }
+
+    fn from_document(doc: RequestDocument) -> Result<Self, RequestError> {
+        let request_id = RequestId::parse(&doc.request_id)?;
+        let user_id = UserId::parse(&doc.user_id)?;
+        let deadline = doc.deadline.as_deref().map(|s| parse_timestamp("deadline", s)).transpose()?;
+        let created_at = doc.created_at.as_deref().map(|s| parse_timestamp("created_at", s)).transpose()?;
+        let params = Params {
+            style: doc.params.style.map(style_choice).transpose()?,
+            style_image: doc.params.style_image.as_ref().map(|i| i.decode("params.style_image")).transpose()?,
+            strength: doc.params.strength.map(strength).transpose()?,
+            size: doc.params.size,
+        };
+        Ok(Self {
+            request_id,
+            user_id,
+            model: doc.model,
+            params,
+            image: doc.image.decode("image")?,
+            deadline,
+            created_at,
+        })
+    }
+}
+
+impl PartialRequest {
+    /// Best effort: pull `request_id` and `model` out of a body that may be broken elsewhere.
+    fn salvage(body: &[u8]) -> Self {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Self::default();
+        };
+        Self {
+            request_id: map
+                .get("request_id")
+                .and_then(|v| v.as_str())
+                .and_then(|s| RequestId::parse(s).ok()),
+            model: map.get("model").and_then(|v| v.as_str()).map(str::to_owned),
+        }
+    }
+}
+
+fn parse_timestamp(field: &str, value: &str) -> Result<OffsetDateTime, RequestError> {
+    OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        RequestError::new(
+            ErrorCode::InvalidRequest,
+            format!("`{field}` must be an RFC 3339 timestamp such as 2026-11-27T23:59:00Z ({e})"),
+        )
+    })
+}
+
+fn style_choice(style: WireStyle) -> Result<StyleChoice, RequestError> {
+    match style {
+        WireStyle::Index(i) => Ok(StyleChoice::Single(i)),
+        WireStyle::Blend(weights) => {
+            let pairs = weights
+                .into_iter()
+                .map(|(key, weight)| {
+                    let index: i64 = key.parse().map_err(|_| {
+                        RequestError::new(ErrorCode::InvalidParams, format!("style blend key {key:?} is not a style index"))
+                    })?;
+                    if !weight.is_finite() || weight < 0.0 {
+                        return Err(RequestError::new(
+                            ErrorCode::InvalidParams,
+                            format!("style {index} has weight {weight}; weights must be non-negative numbers"),
+                        ));
+                    }
+                    Ok((index, weight))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(StyleChoice::Blend(pairs))
+        }
+    }
+}
+
+fn strength(value: f64) -> Result<f32, RequestError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(value as f32)
+    } else {
+        Err(RequestError::new(
+            ErrorCode::InvalidParams,
+            format!("strength must be between 0 and 1, got {value}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&json).unwrap()
+    }
+
+    fn valid() -> serde_json::Value {
+        serde_json::json!({
+            "version": 1,
+            "request_id": "r-1",
+            "user_id": "u-1",
+            "model": "multistyle26",
+            "params": {"style": {"3": 0.5, "12": 0.5}, "strength": 0.5, "size": 256},
+            "image": {"data": "aGVsbG8"},
+            "deadline": "2026-11-27T23:59:00Z"
+        })
+    }
+
+    fn code_of(json: serde_json::Value) -> ErrorCode {
+        GenerationRequest::parse(&body(json), 1 << 20).unwrap_err().0.code
+    }
+
+    #[test]
+    fn parses_a_valid_request() {
+        let req = GenerationRequest::parse(&body(valid()), 1 << 20).unwrap();
+        assert_eq!(req.request_id.as_str(), "r-1");
+        assert_eq!(req.image, b"hello");
+        assert_eq!(req.params.strength, Some(0.5));
+        assert_eq!(req.params.style, Some(StyleChoice::Blend(vec![(12, 0.5), (3, 0.5)])));
+        assert_eq!(req.deadline.unwrap().unix_timestamp(), 1_795_823_940);
+    }
+
+    #[test]
+    fn refuses_each_kind_of_bad_request_with_its_code() {
+        assert_eq!(
+            GenerationRequest::parse(b"\xff\xfe", 1 << 20).unwrap_err().0.code,
+            ErrorCode::MalformedRequest
+        );
+        assert_eq!(GenerationRequest::parse(&body(valid()), 10).unwrap_err().0.code, ErrorCode::MessageTooLarge);
+        let mut v = valid();
+        v["version"] = 2.into();
+        assert_eq!(code_of(v), ErrorCode::UnsupportedVersion);
+        let mut v = valid();
+        v["version"] = "1".into();
+        assert_eq!(code_of(v), ErrorCode::MalformedRequest);
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove("user_id");
+        assert_eq!(code_of(v), ErrorCode::MalformedRequest);
+        let mut v = valid();
+        v["colour"] = "red".into();
+        assert_eq!(code_of(v), ErrorCode::MalformedRequest);
+        let mut v = valid();
+        v["request_id"] = "has space".into();
+        assert_eq!(code_of(v), ErrorCode::InvalidRequest);
+        let mut v = valid();
+        v["deadline"] = "tomorrow".into();
+        assert_eq!(code_of(v), ErrorCode::InvalidRequest);
+        let mut v = valid();
+        v["params"]["strength"] = 1.5.into();
+        assert_eq!(code_of(v), ErrorCode::InvalidParams);
+        let mut v = valid();
+        v["params"]["style"] = serde_json::json!({"3": -1.0});
+        assert_eq!(code_of(v), ErrorCode::InvalidParams);
+        let mut v = valid();
+        v["image"]["data"] = "not base64!".into();
+        assert_eq!(code_of(v), ErrorCode::InvalidImage);
+    }
+
+    #[test]
+    fn an_error_reply_still_knows_the_request_id() {
+        let mut v = valid();
+        v["params"]["strength"] = 7.into();
+        let (_, partial) = GenerationRequest::parse(&body(v), 1 << 20).unwrap_err();
+        assert_eq!(partial.request_id.unwrap().as_str(), "r-1");
+        assert_eq!(partial.model.as_deref(), Some("multistyle26"));
+    }
+
+    #[test]
+    fn round_trips_through_the_wire_document() {
+        let doc = RequestDocument {
+            version: CONTRACT_VERSION,
+            request_id: "abc".into(),
+            user_id: "me".into(),
+            model: "multistyle26".into(),
+            params: WireParams {
+                style: Some(WireStyle::Index(7)),
+                ..Default::default()
+            },
+            image: WireImage::from_bytes(b"\x89PNG"),
+            deadline: None,
+            created_at: None,
+            tier: None,
+        };
+        let req = GenerationRequest::parse(&serde_json::to_vec(&doc).unwrap(), 1 << 20).unwrap();
+        assert_eq!(req.image, b"\x89PNG");
+        assert_eq!(req.params.style, Some(StyleChoice::Single(7)));
+    }
+}

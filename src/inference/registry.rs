@@ -1,0 +1,60 @@
+//! The models this worker serves, by name.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::manifest::{Manifest, PipelineSpec};
+use super::{arbitrary_style, style_bank, Prepared};
+use crate::configuration::ModelSettings;
+use crate::domain::{ErrorCode, GenerationRequest, RequestError};
+
+/// Manifests of the enabled models. Cheap to share; the sessions live on the inference thread.
+#[derive(Debug, Clone)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, Arc<Manifest>>,
+}
+
+impl ModelRegistry {
+    /// Read the manifest of every enabled model. A missing or invalid one is a startup error.
+    pub fn load(settings: &ModelSettings) -> anyhow::Result<Self> {
+        anyhow::ensure!(!settings.enabled.is_empty(), "models.enabled is empty: there would be nothing to serve");
+        let mut models = BTreeMap::new();
+        for name in &settings.enabled {
+            let dir = settings.dir.join(name);
+            let manifest = Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
+            anyhow::ensure!(
+                manifest.name == *name,
+                "{} declares name {:?}; the folder and the name must agree",
+                dir.display(),
+                manifest.name
+            );
+            models.insert(name.clone(), Arc::new(manifest));
+        }
+        Ok(Self { models })
+    }
+
+    /// The manifest of a model, or `unknown_model`.
+    pub fn get(&self, name: &str) -> Result<&Arc<Manifest>, RequestError> {
+        self.models.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            RequestError::new(ErrorCode::UnknownModel, format!("model {name:?} is not served here; models: {}", known.join(", ")))
+        })
+    }
+
+    /// Every model, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Manifest>> {
+        self.models.values()
+    }
+
+    /// Decode and check a request's inputs against its model, and lay them out for the network.
+    /// CPU-bound: call from a blocking thread.
+    pub fn prepare(&self, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+        let manifest = self.get(&request.model)?;
+        match &manifest.pipeline {
+            PipelineSpec::StyleBank(spec) => style_bank::prepare(manifest, spec, request),
+            PipelineSpec::ArbitraryStyle(spec) => arbitrary_style::prepare(manifest, spec, request),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The `style_bank` pipeline (the default model, `multistyle26`): one network, a bank of learned
+//! styles, a weight vector per sample that selects or blends them.
+//!
+//! Pre-processing and post-processing run on blocking threads; only [`StyleBankRunner::run`] runs
+//! on the inference thread.
+
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use super::manifest::{Manifest, StyleBankSpec};
+use super::{output_size, Finish, ModelInput, Prepared};
+use crate::domain::{ErrorCode, GenerationRequest, RequestError, StyleChoice};
+use crate::imaging::{decode_rgb, resize_rgb, tensor};
+
+/// One sample, ready for the network.
+#[derive(Debug)]
+pub struct StyleBankInput {
+    /// `3 × height × width` values in the manifest's layout.
+    pub image: Vec<f32>,
+    /// One weight per style, summing to 1.
+    pub weights: Vec<f32>,
+    /// Tensor width (padded).
+    pub width: u32,
+    /// Tensor height (padded).
+    pub height: u32,
+}
+
+/// Decode, check, resize and lay out one request for a style bank model.
+pub fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+    let params = &request.params;
+    if params.style_image.is_some() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidParams,
+            format!("{} does not take style_image; choose a built-in style with `style`", manifest.name),
+        ));
+    }
+    let weights = style_weights(params.style.as_ref(), spec.styles)?;
+    let limits = &manifest.limits;
+    let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
+    let (width, height) = output_size(limits, params.size, photo.dimensions())?;
+    let photo = resize_rgb(&photo, width, height);
+
+    let (tensor_w, tensor_h) = (round_up(width, limits.multiple_of), round_up(height, limits.multiple_of));
+    let mut image = vec![0.0; 3 * tensor_w as usize * tensor_h as usize];
+    tensor::write_tensor(&photo, tensor_w, tensor_h, spec.layout, spec.value_range, &mut image);
+
+    let strength = params.strength.unwrap_or(1.0);
+    Ok(Prepared {
+        input: ModelInput::StyleBank(StyleBankInput {
+            image,
+            weights,
+            width: tensor_w,
+            height: tensor_h,
+        }),
+        finish: Finish {
+            tensor_width: tensor_w,
+            tensor_height: tensor_h,
+            layout: spec.layout,
+            value_range: spec.value_range,
+            crop: (width, height),
+            output: (width, height),
+            blend: (strength < 1.0).then_some((photo, strength)),
+        },
+    })
+}
+
+fn round_up(value: u32, multiple: u32) -> u32 {
+    value.div_ceil(multiple) * multiple
+}
+
+/// The weight vector for a style choice: one-hot for a single style, normalised for a blend.
+fn style_weights(choice: Option<&StyleChoice>, styles: usize) -> Result<Vec<f32>, RequestError> {
+    let check = |index: i64| -> Result<usize, RequestError> {
+        usize::try_from(index).ok().filter(|&i| i < styles).ok_or_else(|| {
+            RequestError::new(ErrorCode::UnknownStyle, format!("style {index} does not exist; styles are 0 to {}", styles - 1))
+        })
+    };
+    let mut weights = vec![0.0_f64; styles];
+    match choice {
+        None => weights[0] = 1.0,
+        Some(StyleChoice::Single(index)) => weights[check(*index)?] = 1.0,
+        Some(StyleChoice::Blend(pairs)) => {
+            for &(index, weight) in pairs {
+                weights[check(index)?] += weight;
+            }
+        }
+    }
+    let total: f64 = weights.iter().sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return Err(RequestError::new(ErrorCode::InvalidParams, "style weights must not all be zero"));
+    }
+    Ok(weights.into_iter().map(|w| (w / total) as f32).collect())
+}
+
+/// Owns the session of a style bank model, on the inference thread.
+pub struct StyleBankRunner {
+    session: Session,
+    spec: StyleBankSpec,
+}
+
+impl StyleBankRunner {
+    /// Wrap a session built from the manifest's file, checking it has the tensors the manifest names.
+    pub fn new(session: Session, spec: StyleBankSpec) -> anyhow::Result<Self> {
+        super::check_names(&session, &[&spec.image_input, &spec.weights_input], &[&spec.output])?;
+        Ok(Self { session, spec })
+    }
+
+    /// Run a batch of samples of the same tensor size; returns one output per sample.
+    pub fn run(&mut self, batch: &[&StyleBankInput]) -> Result<Vec<Vec<f32>>, String> {
+        let first = batch.first().ok_or("empty batch")?;
+        let (w, h) = (first.width as usize, first.height as usize);
+        if batch.iter().any(|s| (s.width as usize, s.height as usize) != (w, h)) {
+            return Err("a batch must share one tensor size".into());
+        }
+        let n = batch.len();
+        let sample = 3 * w * h;
+        let mut images = Vec::with_capacity(n * sample);
+        let mut weights = Vec::with_capacity(n * self.spec.styles);
+        for s in batch {
+            images.extend_from_slice(&s.image);
+            weights.extend_from_slice(&s.weights);
+        }
+        let image_shape = match self.spec.layout {
+            crate::imaging::Layout::Nchw => [n, 3, h, w],
+            crate::imaging::Layout::Nhwc => [n, h, w, 3],
+        };
+        let image = TensorRef::from_array_view((image_shape, images.as_slice())).map_err(|e| e.to_string())?;
+        let style = TensorRef::from_array_view(([n, self.spec.styles], weights.as_slice())).map_err(|e| e.to_string())?;
+        let outputs = self
+            .session
+            .run(ort::inputs![
+                self.spec.image_input.as_str() => image,
+                self.spec.weights_input.as_str() => style,
+            ])
+            .map_err(|e| e.to_string())?;
+        let (shape, data) = outputs[self.spec.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| e.to_string())?;
+        if data.len() != n * sample {
+            return Err(format!("the model returned shape {shape:?} for {n} samples of {w}x{h}"));
+        }
+        Ok(data.chunks_exact(sample).map(<[f32]>::to_vec).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_for_single_styles_and_blends() {
+        assert_eq!(style_weights(None, 3).unwrap(), vec![1.0, 0.0, 0.0]);
+        assert_eq!(style_weights(Some(&StyleChoice::Single(2)), 3).unwrap(), vec![0.0, 0.0, 1.0]);
+        let blend = StyleChoice::Blend(vec![(0, 1.0), (2, 3.0)]);
+        assert_eq!(style_weights(Some(&blend), 3).unwrap(), vec![0.25, 0.0, 0.75]);
+    }
+
+    #[test]
+    fn bad_styles_have_their_own_codes() {
+        let code = |c: StyleChoice| style_weights(Some(&c), 26).unwrap_err().code;
+        assert_eq!(code(StyleChoice::Single(26)), ErrorCode::UnknownStyle);
+        assert_eq!(code(StyleChoice::Single(-1)), ErrorCode::UnknownStyle);
+        assert_eq!(code(StyleChoice::Blend(vec![(30, 1.0)])), ErrorCode::UnknownStyle);
+        assert_eq!(code(StyleChoice::Blend(vec![(3, 0.0)])), ErrorCode::InvalidParams);
+        assert_eq!(code(StyleChoice::Blend(vec![])), ErrorCode::InvalidParams);
+    }
+}

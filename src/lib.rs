@@ -1,0 +1,41 @@
+//! kiln: a worker that keeps GPUs busy turning queued image requests into images.
+//!
+//! # How a request flows
+//!
+//! ```text
+//!  RabbitMQ <prefix>.requests ──► startup::Application (consumer, prefetch)
+//!        │                              │ one task per delivery
+//!        │                              ▼
+//!        │                        worker::Worker::handle
+//!        │        domain::GenerationRequest::parse      (bytes → trusted request, or error reply)
+//!        │        inference::ModelRegistry::prepare     (blocking pool: decode, resize, tensor)
+//!        │        inference::InferenceHandle::infer ──► inference::engine thread (ONNX Runtime,
+//!        │                                               CPU or CUDA; owns every session)
+//!        │        inference::Finish::apply + imaging::encode_png   (blocking pool)
+//!        │        amqp::ReplyPublisher::publish         (mandatory, publisher confirm)
+//!        ◄─────── ack only after the confirm (worker::settle maps every outcome to ack/reject/requeue)
+//! ```
+//!
+//! # Modules
+//!
+//! - [`configuration`]: typed settings from a file and `KILN_*` variables.
+//! - [`domain`]: the message contract: requests, replies, ids, error codes.
+//! - [`amqp`]: connection with backoff, topology, confirmed reply publishing.
+//! - [`inference`]: model manifests and registry, ONNX Runtime and execution providers, the
+//!   inference thread, the pipelines.
+//! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
+//! - [`worker`]: one delivery from arrival to ack.
+//! - [`startup`], [`shutdown`], [`telemetry`]: process lifecycle.
+//! - [`submit`]: the producer side of `kiln submit`.
+
+pub mod amqp;
+pub mod cli;
+pub mod configuration;
+pub mod domain;
+pub mod imaging;
+pub mod inference;
+pub mod shutdown;
+pub mod startup;
+pub mod submit;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,184 @@
+//! Building the application (models first, then the broker) and running it until shutdown.
+//!
+//! `Application::build` loads ONNX Runtime and every model before touching the broker, so a bad
+//! model, library or GPU fails fast with a clear error. `run_until_stopped` then connects (retrying
+//! while the broker is unreachable), declares the topology, consumes, and on a lost connection
+//! reconnects; unacknowledged requests of the lost connection are redelivered by the broker.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio::task::JoinSet;
+
+use crate::amqp::connect::connect_with_retry;
+use crate::amqp::publisher::ReplyPublisher;
+use crate::amqp::topology::Topology;
+use crate::configuration::Settings;
+use crate::inference::{ActiveProvider, InferenceEngine, ModelRegistry, Runtime};
+use crate::worker::{Outcome, Worker};
+
+/// A worker process: models loaded, ready to connect.
+pub struct Application {
+    settings: Settings,
+    registry: Arc<ModelRegistry>,
+    engine: InferenceEngine,
+    topology: Topology,
+    worker_id: Arc<str>,
+    started: Instant,
+}
+
+/// How one connection session ended.
+enum SessionEnd {
+    /// Shutdown was asked for and in-flight work is done.
+    Stopped,
+    /// The broker connection broke; reconnect.
+    Lost(String),
+}
+
+impl Application {
+    /// Load the runtime and every enabled model (warming them up). Does not touch the broker.
+    pub fn build(settings: Settings) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let registry = Arc::new(ModelRegistry::load(&settings.models)?);
+        let runtime = Runtime::init(&settings.inference)?;
+        let engine = InferenceEngine::start(&registry, runtime, settings.inference.queue_capacity, settings.models.warmup)?;
+        let topology = Topology::new(&settings.amqp.topology);
+        let worker_id: Arc<str> = settings.worker.resolved_id().into();
+        Ok(Self {
+            settings,
+            registry,
+            engine,
+            topology,
+            worker_id,
+            started,
+        })
+    }
+
+    /// The execution provider the models run on.
+    pub fn provider(&self) -> ActiveProvider {
+        self.engine.handle().provider()
+    }
+
+    /// This worker's id, as it appears in replies.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Serve until `shutdown` resolves; then stop consuming, finish what is in flight (within the
+    /// grace period), and return.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let amqp = &self.settings.amqp;
+        let connection_name = format!("kiln worker {}", self.worker_id);
+        loop {
+            let connection = tokio::select! {
+                c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name) => c?,
+                () = &mut shutdown => return Ok(()),
+            };
+            match self.session(&connection, &mut shutdown).await? {
+                SessionEnd::Stopped => {
+                    let _ = connection.close(200, "worker shutting down".into()).await;
+                    break;
+                }
+                SessionEnd::Lost(reason) => {
+                    tracing::warn!(%reason, "lost the broker connection; reconnecting");
+                }
+            }
+        }
+        self.engine.join();
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// One connection: declare, consume, and dispatch deliveries until shutdown or connection loss.
+    async fn session(&self, connection: &Connection, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> anyhow::Result<SessionEnd> {
+        // A refused declaration (say, a queue declared elsewhere with other arguments) is a
+        // configuration error, not a transient one: fail instead of retrying forever.
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            self.topology.declare(&channel).await?;
+            channel.basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default()).await?;
+            let publisher = ReplyPublisher::open(connection, &self.topology.results).await?;
+            let consumer = channel
+                .basic_consume(
+                    self.topology.requests.as_str().into(),
+                    format!("kiln-{}", self.worker_id).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, publisher, consumer))
+        };
+        let (channel, publisher, mut consumer) = setup
+            .await
+            .with_context(|| format!("cannot set up queues on the broker (topology prefix {:?})", self.settings.amqp.topology.prefix))?;
+
+        let worker = Worker::new(
+            Arc::clone(&self.registry),
+            self.engine.handle(),
+            publisher,
+            Arc::clone(&self.worker_id),
+            self.settings.limits.clone(),
+            self.settings.faults.clone(),
+        );
+        tracing::info!(
+            worker_id = %self.worker_id,
+            queue = %self.topology.requests,
+            provider = self.provider().name(),
+            models = ?self.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            prefetch = self.settings.amqp.prefetch,
+            startup_seconds = self.started.elapsed().as_secs_f64(),
+            "worker ready"
+        );
+
+        let mut tasks = JoinSet::new();
+        let end = loop {
+            tokio::select! {
+                biased;
+                () = &mut *shutdown => break SessionEnd::Stopped,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_task(done),
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let worker = worker.clone();
+                        tasks.spawn(async move { worker.handle(delivery).await });
+                    }
+                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                    None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
+                },
+            }
+        };
+
+        if let SessionEnd::Stopped = end {
+            tracing::info!(in_flight = tasks.len(), "shutting down: no new requests; finishing those in flight");
+            let tag = consumer.tag();
+            let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+        }
+        let grace = Duration::from_millis(self.settings.worker.shutdown_grace_ms);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(done) = tasks.join_next().await {
+                log_task(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                unfinished = tasks.len(),
+                "grace period over; unfinished requests stay unacknowledged and will be redelivered"
+            );
+            tasks.abort_all();
+        }
+        Ok(end)
+    }
+}
+
+fn log_task(done: Result<Outcome, tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "a delivery task panicked; its request will be redelivered");
+    }
+}
