@@ -353,7 +353,8 @@ pub enum LogFormat {
 pub struct TelemetrySettings {
     /// Format. Default `auto`.
     pub format: LogFormat,
-    /// `tracing` filter directives; `RUST_LOG` wins when set. Default `info`.
+    /// `tracing` filter directives; `RUST_LOG` wins when set. Default `info,ort=warn` (ONNX Runtime
+    /// is chatty at info).
     pub filter: String,
 }
 
@@ -361,7 +362,7 @@ impl Default for TelemetrySettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Auto,
-            filter: "info".into(),
+            filter: "info,ort=warn".into(),
         }
     }
 }

@@ -19,7 +19,6 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "kiln failed");
-            eprintln!("kiln: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

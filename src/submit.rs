@@ -79,13 +79,18 @@ impl Producer {
 
     /// Publish a request (persistent, confirmed); its reply comes back to this producer.
     pub async fn send(&self, request: &RequestDocument) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(request)?;
+        self.send_raw(&serde_json::to_vec(request)?, &request.request_id).await
+    }
+
+    /// Publish any body as a request (for producers with their own encoder, and for tests of what
+    /// workers do with bad input), with `correlation_id` to match its reply.
+    pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_reply_to(self.reply_queue.as_str().into())
-            .with_correlation_id(request.request_id.as_str().into())
+            .with_correlation_id(correlation_id.into())
             .with_timestamp(now);
         let confirmation = self
             .channel
@@ -96,7 +101,7 @@ impl Producer {
                     mandatory: true,
                     ..Default::default()
                 },
-                &body,
+                body,
                 properties,
             )
             .await?
@@ -133,11 +138,16 @@ impl Producer {
     /// Send a request and wait for its reply (replies to other requests are skipped).
     pub async fn request(&mut self, request: &RequestDocument, timeout: Duration) -> anyhow::Result<Reply> {
         self.send(request).await?;
+        self.reply_to(&request.request_id, timeout).await
+    }
+
+    /// Wait for the reply with this correlation id, skipping others.
+    pub async fn reply_to(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Reply> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let reply = self.next_reply(left).await?;
-            if reply.correlation_id.as_deref() == Some(request.request_id.as_str()) {
+            if reply.correlation_id.as_deref() == Some(correlation_id) {
                 return Ok(reply);
             }
         }

@@ -251,12 +251,17 @@ impl PartialRequest {
 }
 
 fn parse_timestamp(field: &str, value: &str) -> Result<OffsetDateTime, RequestError> {
-    OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|e| {
+    let invalid = |why: &dyn std::fmt::Display| {
         RequestError::new(
             ErrorCode::InvalidRequest,
-            format!("`{field}` must be an RFC 3339 timestamp such as 2026-11-27T23:59:00Z ({e})"),
+            format!("`{field}` must be an RFC 3339 timestamp such as 2026-11-27T23:59:00Z ({why})"),
         )
-    })
+    };
+    // RFC 3339 lets applications accept a space for the `T`; the contract (and its schema) does not.
+    if !matches!(value.as_bytes().get(10), Some(b'T' | b't')) {
+        return Err(invalid(&"the date and time must be separated by T"));
+    }
+    OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|e| invalid(&e))
 }
 
 fn style_choice(style: WireStyle) -> Result<StyleChoice, RequestError> {
@@ -266,7 +271,8 @@ fn style_choice(style: WireStyle) -> Result<StyleChoice, RequestError> {
             let pairs = weights
                 .into_iter()
                 .map(|(key, weight)| {
-                    let index: i64 = key.parse().map_err(|_| {
+                    // Canonical decimal only ("3", not "03" or "+3"), as the schema says.
+                    let index: i64 = key.parse().ok().filter(|i: &i64| i.to_string() == key).ok_or_else(|| {
                         RequestError::new(ErrorCode::InvalidParams, format!("style blend key {key:?} is not a style index"))
                     })?;
                     if !weight.is_finite() || weight < 0.0 {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything kiln needs on a fresh machine, idempotent:
+#  - RabbitMQ and Redis running on localhost,
+#  - the official ONNX Runtime 1.31.1 library (CPU build) in runtime/,
+#  - a Python venv (.venv) with the example producer's and the schema checker's dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+scripts/fetch-onnxruntime.sh cpu >/dev/null
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pika, jsonschema, yaml' 2>/dev/null; then
+  echo "creating .venv (pika, jsonschema) ..." >&2
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt -r schemas/requirements.txt
+fi

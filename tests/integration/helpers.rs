@@ -1,0 +1,318 @@
+//! Test harness: real RabbitMQ on localhost, real ONNX Runtime, a unique topology prefix per test
+//! so tests run in parallel and clean up after themselves.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln::amqp::Topology;
+use kiln::configuration::Settings;
+use kiln::domain::{RequestDocument, WireImage, WireParams, WireStyle, CONTRACT_VERSION};
+use kiln::startup::Application;
+use kiln::submit::Producer;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The broker every test talks to.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// How long a test waits for one reply before failing (CI machines are slow and share 2 cores).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file under `tests/data` or elsewhere in the repository.
+pub fn read(relative: &str) -> Vec<u8> {
+    let path = repo().join(relative);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Settings for a test worker: a fresh topology prefix, absolute paths, fast retries.
+pub fn test_settings() -> Settings {
+    init_logs();
+    let mut s = Settings::default();
+    s.amqp.topology.prefix = format!("kiln-test-{}", uuid::Uuid::new_v4().simple());
+    s.amqp.reconnect.initial_ms = 50;
+    s.amqp.reconnect.max_ms = 500;
+    s.amqp.prefetch = 4;
+    s.inference.runtime_library = Some(repo().join(s.inference.runtime_library_path()));
+    s.models.dir = repo().join("models");
+    s.worker.id = Some("test-worker".into());
+    s.worker.shutdown_grace_ms = 30_000;
+    s
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,ort=warn"))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A worker running inside the test process.
+pub struct TestApp {
+    /// Its settings.
+    pub settings: Settings,
+    /// Its queue and exchange names.
+    pub topology: Topology,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Build and start a worker with test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Build and start a worker with test settings changed by `customize`; returns once it consumes.
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings();
+    customize(&mut settings);
+    let app = TestApp::start(settings).await;
+    app.wait_until_consuming().await;
+    app
+}
+
+impl TestApp {
+    /// Start a worker with exactly these settings (it may still be connecting when this returns).
+    pub async fn start(settings: Settings) -> Self {
+        let topology = Topology::new(&settings.amqp.topology);
+        let build_settings = settings.clone();
+        let app = tokio::task::spawn_blocking(move || Application::build(build_settings))
+            .await
+            .unwrap()
+            .expect("the worker builds");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = rx.await;
+        }));
+        Self {
+            settings,
+            topology,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Wait until the worker consumes from its request queue.
+    pub async fn wait_until_consuming(&self) {
+        let started = Instant::now();
+        loop {
+            // A passive declare of a missing queue closes the channel: use a fresh one each time.
+            let channel = admin_channel().await;
+            if let Ok(q) = channel
+                .queue_declare(self.topology.requests.as_str().into(), passive(), FieldTable::default())
+                .await
+            {
+                if q.consumer_count() > 0 {
+                    return;
+                }
+            }
+            assert!(started.elapsed() < REPLY_TIMEOUT, "the worker did not start consuming");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A producer sending to this worker's request queue.
+    pub async fn producer(&self) -> Producer {
+        Producer::connect(&SecretString::from(AMQP_URL), &self.topology.requests).await.expect("producer connects")
+    }
+
+    /// Ask the worker to stop and wait until it has; the topology stays (see [`TestApp::cleanup`]).
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().expect("the worker stops cleanly");
+        }
+    }
+
+    /// Stop the worker and delete its queues and exchanges.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+        delete_topology(&self.topology).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // A failed test does not reach stop(): delete the queues from a thread of our own.
+        if self.shutdown.is_some() {
+            let topology = self.topology.clone();
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(delete_topology(&topology));
+            })
+            .join();
+        }
+    }
+}
+
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    }
+}
+
+/// A channel on a connection of the test's own.
+pub async fn admin_channel() -> Channel {
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ on 127.0.0.1:5672");
+    let channel = connection.create_channel().await.unwrap();
+    // Channels keep their connection open; it closes when the last of them is dropped.
+    drop(connection);
+    channel
+}
+
+/// Messages ready in a queue (not counting unacknowledged ones).
+pub async fn ready_messages(queue: &str) -> u32 {
+    admin_channel()
+        .await
+        .queue_declare(queue.into(), passive(), FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .message_count()
+}
+
+/// Delete everything a worker with this topology declared.
+pub async fn delete_topology(topology: &Topology) {
+    let channel = admin_channel().await;
+    for queue in [&topology.requests, &topology.dead_letter_queue] {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    for exchange in [&topology.results, &topology.dead_letter_exchange] {
+        let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    }
+}
+
+/// A valid request for the default model.
+pub fn request(image: &[u8], style: Option<WireStyle>) -> RequestDocument {
+    RequestDocument {
+        version: CONTRACT_VERSION,
+        request_id: uuid::Uuid::new_v4().to_string(),
+        user_id: "test-user".into(),
+        model: "multistyle26".into(),
+        params: WireParams {
+            style,
+            ..Default::default()
+        },
+        image: WireImage::from_bytes(image),
+        deadline: None,
+        created_at: None,
+        tier: None,
+    }
+}
+
+/// Decode a PNG body.
+pub fn decode_png(body: &[u8]) -> image::RgbImage {
+    assert!(body.starts_with(b"\x89PNG\r\n\x1a\n"), "the body is not a PNG");
+    image::load_from_memory_with_format(body, image::ImageFormat::Png).expect("a decodable PNG").into_rgb8()
+}
+
+/// A `kiln worker` child process, its stderr (JSON logs) collected line by line.
+pub struct WorkerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl WorkerProcess {
+    /// Start `kiln worker` with these settings as `KILN_*` variables (plus `extra`).
+    pub fn spawn(settings: &Settings, extra: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .arg("worker")
+            .current_dir(repo())
+            .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
+            .env("KILN_AMQP__TOPOLOGY__DELIVERY_LIMIT", settings.amqp.topology.delivery_limit.to_string())
+            .env("KILN_AMQP__PREFETCH", settings.amqp.prefetch.to_string())
+            .env("KILN_MODELS__ENABLED", "multistyle26")
+            .env("KILN_TELEMETRY__FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("the kiln binary starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Wait until a log line contains `needle`; panics with the log after `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let started = Instant::now();
+        while !self.log_contains(needle) {
+            assert!(started.elapsed() < timeout, "no log line with {needle:?} in {timeout:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    fn log_contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Kill it with SIGKILL, as the OOM killer or a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for it to exit on its own; returns whether it exited successfully.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < timeout, "the worker did not exit; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Path of the Python with the example producer's dependencies (made by scripts/setup.sh).
+pub fn venv_python() -> PathBuf {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        Path::new(&python).exists(),
+        "{} is missing: run scripts/setup.sh (it creates the venv with pika and the schema tools)",
+        python.display()
+    );
+    python
+}

@@ -1,0 +1,12 @@
+//! Integration tests: a real RabbitMQ on 127.0.0.1:5672, real ONNX Runtime on CPU, real models.
+//! One test binary (one link); nextest runs each test in its own process.
+
+mod helpers;
+
+mod bad_input;
+mod contract;
+mod end_to_end;
+mod execution_provider;
+mod model_rewrite;
+mod python_producer;
+mod reliability;
