@@ -80,7 +80,10 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Submit(args) => submit(args, &settings).await,
         Command::Models => {
             for m in ModelRegistry::load(&settings.models)?.iter() {
-                println!("{}\t{}\n\tlicence: {}\n\torigin: {}", m.name, m.description, m.licence, m.origin);
+                println!(
+                    "{}\t{}\n\tlicence: {}\n\torigin: {}",
+                    m.name, m.description, m.licence, m.origin
+                );
             }
             Ok(())
         }
@@ -98,12 +101,20 @@ async fn submit(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         model: args.model.clone(),
         params: WireParams {
             style: args.style.as_deref().map(parse_style).transpose()?,
-            style_image: args.style_image.as_deref().map(read).transpose()?.map(|b| WireImage::from_bytes(&b)),
+            style_image: args
+                .style_image
+                .as_deref()
+                .map(read)
+                .transpose()?
+                .map(|b| WireImage::from_bytes(&b)),
             strength: args.strength,
             size: args.size,
         },
         image: WireImage::from_bytes(&read(&args.image)?),
-        deadline: args.deadline_secs.map(|s| rfc3339(now + Duration::from_secs(s))).transpose()?,
+        deadline: args
+            .deadline_secs
+            .map(|s| rfc3339(now + Duration::from_secs(s)))
+            .transpose()?,
         created_at: Some(rfc3339(now)?),
         tier: None,
     };
@@ -123,7 +134,12 @@ async fn submit(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
     let t = &doc.timings_ms;
     eprintln!(
         "{}x{} PNG from {} ({}): inference {:.0} ms, total {:.0} ms in the worker",
-        image.width, image.height, doc.worker_id, doc.model.as_deref().unwrap_or("?"), t.inference, t.total
+        image.width,
+        image.height,
+        doc.worker_id,
+        doc.model.as_deref().unwrap_or("?"),
+        t.inference,
+        t.total
     );
     println!("{}", out.display());
     Ok(())

@@ -170,6 +170,9 @@ pub struct InferenceSettings {
     pub runtime_library: Option<PathBuf>,
     /// Threads inside one operator; 0 lets ONNX Runtime choose (one per physical core). Default 0.
     pub intra_threads: usize,
+    /// Let ONNX Runtime's threads busy-wait between operators. Default false: decoding and PNG
+    /// encoding share the cores with inference, and spinning threads starve them (BENCHMARKS.md).
+    pub intra_op_spinning: bool,
     /// Jobs waiting for the inference thread before producers of work wait. Default 32.
     pub queue_capacity: usize,
     /// CUDA provider options (used when `execution_provider = "cuda"`).
@@ -183,6 +186,7 @@ impl Default for InferenceSettings {
             fallback: Fallback::None,
             runtime_library: None,
             intra_threads: 0,
+            intra_op_spinning: false,
             queue_capacity: 32,
             cuda: CudaSettings::default(),
         }
@@ -197,7 +201,9 @@ impl InferenceSettings {
                 ExecutionProviderKind::Cpu => "cpu",
                 ExecutionProviderKind::Cuda => "cuda",
             };
-            PathBuf::from(format!("runtime/onnxruntime-{ORT_VERSION}-{flavor}/libonnxruntime.so.{ORT_VERSION}"))
+            PathBuf::from(format!(
+                "runtime/onnxruntime-{ORT_VERSION}-{flavor}/libonnxruntime.so.{ORT_VERSION}"
+            ))
         })
     }
 }
@@ -308,6 +314,11 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long in-flight requests may take to finish before the worker exits anyway
     /// (unfinished ones are redelivered by the broker). Default 25 s, inside Kubernetes' default 30 s.
     pub shutdown_grace_ms: u64,
+    /// Threads for decoding, resizing and PNG encoding; 0 means one per CPU. Default 0.
+    pub cpu_threads: usize,
+    /// Nice value of those threads (0 normal, 19 lowest), so they never take cores from inference.
+    /// Default 10.
+    pub cpu_nice: i32,
 }
 
 impl Default for WorkerSettings {
@@ -315,6 +326,8 @@ impl Default for WorkerSettings {
         Self {
             id: None,
             shutdown_grace_ms: 25_000,
+            cpu_threads: 0,
+            cpu_nice: 10,
         }
     }
 }

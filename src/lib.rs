@@ -8,10 +8,10 @@
 //!        │                              ▼
 //!        │                        worker::Worker::handle
 //!        │        domain::GenerationRequest::parse      (bytes → trusted request, or error reply)
-//!        │        inference::ModelRegistry::prepare     (blocking pool: decode, resize, tensor)
+//!        │        inference::ModelRegistry::prepare     (cpu_pool: decode, resize, tensor)
 //!        │        inference::InferenceHandle::infer ──► inference::engine thread (ONNX Runtime,
 //!        │                                               CPU or CUDA; owns every session)
-//!        │        inference::Finish::apply + imaging::encode_png   (blocking pool)
+//!        │        inference::Finish::apply + imaging::encode_png   (cpu_pool)
 //!        │        amqp::ReplyPublisher::publish         (mandatory, publisher confirm)
 //!        ◄─────── ack only after the confirm (worker::settle maps every outcome to ack/reject/requeue)
 //! ```
@@ -25,12 +25,14 @@
 //!   inference thread, the pipelines.
 //! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
 //! - [`worker`]: one delivery from arrival to ack.
+//! - [`cpu_pool`]: the lower-priority threads for image work around inference.
 //! - [`startup`], [`shutdown`], [`telemetry`]: process lifecycle.
 //! - [`submit`]: the producer side of `kiln submit`.
 
 pub mod amqp;
 pub mod cli;
 pub mod configuration;
+pub mod cpu_pool;
 pub mod domain;
 pub mod imaging;
 pub mod inference;

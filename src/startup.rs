@@ -20,6 +20,7 @@ use crate::amqp::connect::connect_with_retry;
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::Topology;
 use crate::configuration::Settings;
+use crate::cpu_pool::CpuPool;
 use crate::inference::{ActiveProvider, InferenceEngine, ModelRegistry, Runtime};
 use crate::worker::{Outcome, Worker};
 
@@ -28,6 +29,7 @@ pub struct Application {
     settings: Settings,
     registry: Arc<ModelRegistry>,
     engine: InferenceEngine,
+    cpu: Arc<CpuPool>,
     topology: Topology,
     worker_id: Arc<str>,
     started: Instant,
@@ -47,13 +49,20 @@ impl Application {
         let started = Instant::now();
         let registry = Arc::new(ModelRegistry::load(&settings.models)?);
         let runtime = Runtime::init(&settings.inference)?;
-        let engine = InferenceEngine::start(&registry, runtime, settings.inference.queue_capacity, settings.models.warmup)?;
+        let engine = InferenceEngine::start(
+            &registry,
+            runtime,
+            settings.inference.queue_capacity,
+            settings.models.warmup,
+        )?;
+        let cpu = Arc::new(CpuPool::new(settings.worker.cpu_threads, settings.worker.cpu_nice)?);
         let topology = Topology::new(&settings.amqp.topology);
         let worker_id: Arc<str> = settings.worker.resolved_id().into();
         Ok(Self {
             settings,
             registry,
             engine,
+            cpu,
             topology,
             worker_id,
             started,
@@ -97,13 +106,19 @@ impl Application {
     }
 
     /// One connection: declare, consume, and dispatch deliveries until shutdown or connection loss.
-    async fn session(&self, connection: &Connection, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> anyhow::Result<SessionEnd> {
+    async fn session(
+        &self,
+        connection: &Connection,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> anyhow::Result<SessionEnd> {
         // A refused declaration (say, a queue declared elsewhere with other arguments) is a
         // configuration error, not a transient one: fail instead of retrying forever.
         let setup = async {
             let channel = connection.create_channel().await?;
             self.topology.declare(&channel).await?;
-            channel.basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default()).await?;
+            channel
+                .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
+                .await?;
             let publisher = ReplyPublisher::open(connection, &self.topology.results).await?;
             let consumer = channel
                 .basic_consume(
@@ -115,13 +130,17 @@ impl Application {
                 .await?;
             Ok::<_, lapin::Error>((channel, publisher, consumer))
         };
-        let (channel, publisher, mut consumer) = setup
-            .await
-            .with_context(|| format!("cannot set up queues on the broker (topology prefix {:?})", self.settings.amqp.topology.prefix))?;
+        let (channel, publisher, mut consumer) = setup.await.with_context(|| {
+            format!(
+                "cannot set up queues on the broker (topology prefix {:?})",
+                self.settings.amqp.topology.prefix
+            )
+        })?;
 
         let worker = Worker::new(
             Arc::clone(&self.registry),
             self.engine.handle(),
+            Arc::clone(&self.cpu),
             publisher,
             Arc::clone(&self.worker_id),
             self.settings.limits.clone(),
@@ -155,7 +174,10 @@ impl Application {
         };
 
         if let SessionEnd::Stopped = end {
-            tracing::info!(in_flight = tasks.len(), "shutting down: no new requests; finishing those in flight");
+            tracing::info!(
+                in_flight = tasks.len(),
+                "shutting down: no new requests; finishing those in flight"
+            );
             let tag = consumer.tag();
             let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
         }

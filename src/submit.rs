@@ -40,9 +40,17 @@ pub struct Producer {
 impl Producer {
     /// Connect, and declare a private reply queue. Requests go to `requests_queue`.
     pub async fn connect(url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
-        let connection = Connection::connect(url.expose_secret(), ConnectionProperties::default().with_connection_name("kiln producer".into()))
-            .await
-            .with_context(|| format!("cannot connect to {}", crate::amqp::connect::redact(url.expose_secret())))?;
+        let connection = Connection::connect(
+            url.expose_secret(),
+            ConnectionProperties::default().with_connection_name("kiln producer".into()),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                crate::amqp::connect::redact(url.expose_secret())
+            )
+        })?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         let queue = channel
@@ -85,7 +93,9 @@ impl Producer {
     /// Publish any body as a request (for producers with their own encoder, and for tests of what
     /// workers do with bad input), with `correlation_id` to match its reply.
     pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -108,7 +118,10 @@ impl Producer {
             .await?;
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => bail!("no queue named {:?}: is a worker running with this topology prefix?", self.requests_queue),
+            Confirmation::Ack(Some(_)) => bail!(
+                "no queue named {:?}: is a worker running with this topology prefix?",
+                self.requests_queue
+            ),
             Confirmation::Nack(_) => bail!("the broker refused the request"),
         }
     }
@@ -129,7 +142,8 @@ impl Producer {
             bail!("the kiln-reply header is not a string");
         };
         Ok(Reply {
-            document: serde_json::from_slice(json.as_bytes()).context("the kiln-reply header is not a reply document")?,
+            document: serde_json::from_slice(json.as_bytes())
+                .context("the kiln-reply header is not a reply document")?,
             body: delivery.data,
             correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
         })
@@ -166,9 +180,17 @@ pub fn parse_style(spec: &str) -> anyhow::Result<WireStyle> {
     }
     let mut blend = BTreeMap::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (index, weight) = part.split_once(':').with_context(|| format!("bad style {spec:?}; use 7 or 3:0.5,12:0.5"))?;
-        let index: u32 = index.trim().parse().with_context(|| format!("bad style index {index:?}"))?;
-        let weight: f64 = weight.trim().parse().with_context(|| format!("bad style weight {weight:?}"))?;
+        let (index, weight) = part
+            .split_once(':')
+            .with_context(|| format!("bad style {spec:?}; use 7 or 3:0.5,12:0.5"))?;
+        let index: u32 = index
+            .trim()
+            .parse()
+            .with_context(|| format!("bad style index {index:?}"))?;
+        let weight: f64 = weight
+            .trim()
+            .parse()
+            .with_context(|| format!("bad style weight {weight:?}"))?;
         *blend.entry(index.to_string()).or_insert(0.0) += weight;
     }
     if blend.is_empty() {
@@ -184,7 +206,9 @@ mod tests {
     #[test]
     fn styles_from_the_command_line() {
         assert_eq!(parse_style("7").unwrap(), WireStyle::Index(7));
-        let WireStyle::Blend(b) = parse_style("3:0.5, 12:0.25").unwrap() else { panic!() };
+        let WireStyle::Blend(b) = parse_style("3:0.5, 12:0.25").unwrap() else {
+            panic!()
+        };
         assert_eq!(b.get("3"), Some(&0.5));
         assert_eq!(b.get("12"), Some(&0.25));
         assert!(parse_style("x").is_err());

@@ -16,7 +16,12 @@ pub fn init(settings: &TelemetrySettings) {
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }

@@ -1,8 +1,8 @@
 //! One delivery, from arrival to acknowledgement.
 //!
 //! ```text
-//! delivery ─► parse ─► deadline? ─► prepare (blocking pool) ─► infer (inference thread)
-//!          ─► finish + PNG (blocking pool) ─► publish reply, wait for confirm ─► settle (ack/…)
+//! delivery ─► parse ─► deadline? ─► prepare (CPU pool) ─► infer (inference thread)
+//!          ─► finish + PNG (CPU pool) ─► publish reply, wait for confirm ─► settle (ack/…)
 //! ```
 //!
 //! Every request gets exactly one reply, error or image, and is acknowledged only after the broker
@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::amqp::publisher::{OutgoingReply, PublishOutcome, ReplyPublisher, ReplyRoute};
 use crate::configuration::{FaultSettings, RequestLimits};
+use crate::cpu_pool::{CpuPool, CpuTaskError};
 use crate::domain::{ErrorCode, GenerationRequest, ImageInfo, PartialRequest, ReplyDocument, RequestError, Timings};
 use crate::imaging::encode_png;
 use crate::inference::{InferenceError, InferenceHandle, ModelRegistry};
@@ -56,6 +57,7 @@ pub enum Outcome {
 pub struct Worker {
     registry: Arc<ModelRegistry>,
     inference: InferenceHandle,
+    cpu: Arc<CpuPool>,
     publisher: ReplyPublisher,
     worker_id: Arc<str>,
     limits: RequestLimits,
@@ -76,6 +78,7 @@ impl Worker {
     pub fn new(
         registry: Arc<ModelRegistry>,
         inference: InferenceHandle,
+        cpu: Arc<CpuPool>,
         publisher: ReplyPublisher,
         worker_id: Arc<str>,
         limits: RequestLimits,
@@ -84,6 +87,7 @@ impl Worker {
         Self {
             registry,
             inference,
+            cpu,
             publisher,
             worker_id,
             limits,
@@ -159,10 +163,14 @@ impl Worker {
         let started = Instant::now();
         let registry = Arc::clone(&self.registry);
         let model = request.model.clone();
-        let prepared = match tokio::task::spawn_blocking(move || registry.prepare(&request).map(|p| (p, request))).await {
+        let prepared = match self
+            .cpu
+            .run(move || registry.prepare(&request).map(|p| (p, request)))
+            .await
+        {
             Ok(Ok(prepared)) => prepared,
             Ok(Err(error)) => return Ok(Err(error)),
-            Err(join) => return Ok(Err(internal(&join))),
+            Err(failure) => return Ok(Err(internal(&failure))),
         };
         timings.preprocess = ms(started.elapsed());
         let (prepared, request) = prepared;
@@ -176,27 +184,34 @@ impl Worker {
 
         let started = Instant::now();
         let finish = prepared.finish;
-        let encoded = tokio::task::spawn_blocking(move || {
-            let image = finish.apply(&inferred.output);
-            let png = encode_png(&image);
-            let info = ImageInfo {
-                format: "png".into(),
-                width: image.width(),
-                height: image.height(),
-                bytes: png.len(),
-            };
-            (png, info)
-        })
-        .await;
+        let encoded = self
+            .cpu
+            .run(move || {
+                let image = finish.apply(&inferred.output);
+                let png = encode_png(&image);
+                let info = ImageInfo {
+                    format: "png".into(),
+                    width: image.width(),
+                    height: image.height(),
+                    bytes: png.len(),
+                };
+                (png, info)
+            })
+            .await;
         timings.encode = ms(started.elapsed());
-        Ok(encoded.map_err(|join| internal(&join)))
+        Ok(encoded.map_err(|failure| internal(&failure)))
     }
 
     fn reply(&self, delivery: &Delivery, target: ReplyTarget, rendered: Rendered, timings: Timings) -> OutgoingReply {
         let props = &delivery.properties;
         let route = match props.reply_to() {
             Some(queue) if !queue.as_str().is_empty() => ReplyRoute::ReplyTo(queue.to_string()),
-            _ => ReplyRoute::Results(target.request_id.clone().unwrap_or_else(|| INVALID_ROUTING_KEY.to_owned())),
+            _ => ReplyRoute::Results(
+                target
+                    .request_id
+                    .clone()
+                    .unwrap_or_else(|| INVALID_ROUTING_KEY.to_owned()),
+            ),
         };
         let correlation_id = props
             .correlation_id()
@@ -251,16 +266,26 @@ impl From<PartialRequest> for ReplyTarget {
 /// | inference thread gone (no reply made)  | nack, requeue → another worker        |
 async fn settle(delivery: &Delivery, published: lapin::Result<PublishOutcome>, error: Option<ErrorCode>) -> Outcome {
     let (outcome, action) = match published {
-        Ok(PublishOutcome::Confirmed) => (Outcome::Replied { error }, delivery.ack(BasicAckOptions::default()).await),
+        Ok(PublishOutcome::Confirmed) => (
+            Outcome::Replied { error },
+            delivery.ack(BasicAckOptions::default()).await,
+        ),
         Ok(PublishOutcome::Unroutable(why)) => {
             let reason = format!("the reply could not be routed ({why})");
-            (Outcome::DeadLettered { reason }, delivery.reject(BasicRejectOptions { requeue: false }).await)
+            (
+                Outcome::DeadLettered { reason },
+                delivery.reject(BasicRejectOptions { requeue: false }).await,
+            )
         }
         Ok(PublishOutcome::Nacked) => {
             let reason = "the broker refused the reply".to_owned();
             (Outcome::Requeued { reason }, delivery.nack(requeue()).await)
         }
-        Err(e) => return Outcome::Abandoned { reason: format!("publishing the reply failed: {e}") },
+        Err(e) => {
+            return Outcome::Abandoned {
+                reason: format!("publishing the reply failed: {e}"),
+            }
+        }
     };
     match action {
         Ok(_) => outcome,
@@ -291,7 +316,10 @@ fn past_deadline(request: &GenerationRequest) -> Option<RequestError> {
     let now = OffsetDateTime::now_utc();
     (now > deadline).then(|| {
         let late = (now - deadline).as_seconds_f64();
-        RequestError::new(ErrorCode::Expired, format!("the deadline passed {late:.3} s before rendering could start"))
+        RequestError::new(
+            ErrorCode::Expired,
+            format!("the deadline passed {late:.3} s before rendering could start"),
+        )
     })
 }
 
@@ -300,9 +328,12 @@ fn amqp_timestamp(delivery: &Delivery) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).ok()?).ok()
 }
 
-fn internal(join: &tokio::task::JoinError) -> RequestError {
-    tracing::error!(error = %join, "a blocking task failed");
-    RequestError::new(ErrorCode::Internal, format!("the worker failed while processing the image: {join}"))
+fn internal(failure: &CpuTaskError) -> RequestError {
+    tracing::error!(error = %failure, "image processing failed");
+    RequestError::new(
+        ErrorCode::Internal,
+        format!("the worker failed while processing the image: {failure}"),
+    )
 }
 
 fn ms(d: std::time::Duration) -> f64 {

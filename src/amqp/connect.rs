@@ -9,7 +9,11 @@ use crate::configuration::BackoffSettings;
 
 /// Connect, retrying with exponential backoff (and saying so in the log) until the broker answers
 /// or `max_attempts` is spent. `name` shows in the broker's management UI.
-pub async fn connect_with_retry(url: &SecretString, backoff: &BackoffSettings, name: &str) -> anyhow::Result<Connection> {
+pub async fn connect_with_retry(
+    url: &SecretString,
+    backoff: &BackoffSettings,
+    name: &str,
+) -> anyhow::Result<Connection> {
     let mut delay = Duration::from_millis(backoff.initial_ms.max(1));
     let max_delay = Duration::from_millis(backoff.max_ms.max(backoff.initial_ms));
     let mut attempt: u32 = 1;
@@ -62,7 +66,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
         assert_eq!(redact("amqp://host:5672"), "amqp://host:5672");
     }
 }

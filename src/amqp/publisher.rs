@@ -69,7 +69,10 @@ impl ReplyPublisher {
         let document = serde_json::to_string(&reply.document).expect("a reply document always serialises");
         let mut headers = FieldTable::default();
         headers.insert(REPLY_HEADER.into(), AMQPValue::LongString(LongString::from(document)));
-        headers.insert(STATUS_HEADER.into(), AMQPValue::LongString(LongString::from(reply.document.status.as_str())));
+        headers.insert(
+            STATUS_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reply.document.status.as_str())),
+        );
         let content_type = match reply.document.status {
             crate::domain::ReplyStatus::Ok => "image/png",
             crate::domain::ReplyStatus::Error => "application/json",

@@ -50,7 +50,10 @@ impl Topology {
         args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
         // A quorum queue counts deliveries itself; after the limit it dead-letters the message
         // (x-death reason "delivery_limit") instead of handing it to yet another worker to crash.
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(self.delivery_limit.saturating_sub(1) as i32));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.delivery_limit.saturating_sub(1) as i32),
+        );
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from(self.dead_letter_exchange.as_str())),
@@ -69,7 +72,12 @@ impl Topology {
             ..Default::default()
         };
         channel
-            .exchange_declare(self.results.as_str().into(), ExchangeKind::Topic, durable_exchange, FieldTable::default())
+            .exchange_declare(
+                self.results.as_str().into(),
+                ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .exchange_declare(
@@ -80,7 +88,11 @@ impl Topology {
             )
             .await?;
         channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue, FieldTable::default())
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                durable_queue,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -92,7 +104,11 @@ impl Topology {
             )
             .await?;
         channel
-            .queue_declare(self.requests.as_str().into(), durable_queue, self.request_queue_arguments())
+            .queue_declare(
+                self.requests.as_str().into(),
+                durable_queue,
+                self.request_queue_arguments(),
+            )
             .await?;
         Ok(())
     }

@@ -58,7 +58,10 @@ impl UserId {
             ));
         }
         if s.chars().any(char::is_control) {
-            return Err(RequestError::new(ErrorCode::InvalidRequest, "user_id must not contain control characters"));
+            return Err(RequestError::new(
+                ErrorCode::InvalidRequest,
+                "user_id must not contain control characters",
+            ));
         }
         Ok(Self(s.to_owned()))
     }

@@ -8,4 +8,7 @@ pub mod request;
 pub use error::{ErrorCode, RequestError};
 pub use ids::{RequestId, UserId};
 pub use reply::{ImageInfo, ReplyDocument, ReplyStatus, Timings};
-pub use request::{GenerationRequest, CONTRACT_VERSION, Params, PartialRequest, RequestDocument, StyleChoice, WireImage, WireParams, WireStyle};
+pub use request::{
+    GenerationRequest, Params, PartialRequest, RequestDocument, StyleChoice, WireImage, WireParams, WireStyle,
+    CONTRACT_VERSION,
+};

@@ -66,10 +66,7 @@ pub struct WireParams {
 
 impl WireParams {
     fn is_empty(&self) -> bool {
-        self.style.is_none()
-            && self.style_image.is_none()
-            && self.strength.is_none()
-            && self.size.is_none()
+        self.style.is_none() && self.style_image.is_none() && self.strength.is_none() && self.size.is_none()
     }
 }
 
@@ -188,10 +185,19 @@ impl GenerationRequest {
         struct VersionProbe {
             version: Option<serde_json::Value>,
         }
-        let probe: VersionProbe = serde_json::from_slice(body)
-            .map_err(|e| RequestError::new(ErrorCode::MalformedRequest, format!("the body is not a JSON object: {e}")))?;
+        let probe: VersionProbe = serde_json::from_slice(body).map_err(|e| {
+            RequestError::new(
+                ErrorCode::MalformedRequest,
+                format!("the body is not a JSON object: {e}"),
+            )
+        })?;
         match probe.version {
-            None => return Err(RequestError::new(ErrorCode::MalformedRequest, "missing field `version`")),
+            None => {
+                return Err(RequestError::new(
+                    ErrorCode::MalformedRequest,
+                    "missing field `version`",
+                ))
+            }
             Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(CONTRACT_VERSION)) => {}
             Some(serde_json::Value::Number(n)) => {
                 return Err(RequestError::new(
@@ -206,19 +212,32 @@ impl GenerationRequest {
                 ))
             }
         }
-        let doc: RequestDocument = serde_json::from_slice(body)
-            .map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
+        let doc: RequestDocument =
+            serde_json::from_slice(body).map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
         Self::from_document(doc)
     }
 
     fn from_document(doc: RequestDocument) -> Result<Self, RequestError> {
         let request_id = RequestId::parse(&doc.request_id)?;
         let user_id = UserId::parse(&doc.user_id)?;
-        let deadline = doc.deadline.as_deref().map(|s| parse_timestamp("deadline", s)).transpose()?;
-        let created_at = doc.created_at.as_deref().map(|s| parse_timestamp("created_at", s)).transpose()?;
+        let deadline = doc
+            .deadline
+            .as_deref()
+            .map(|s| parse_timestamp("deadline", s))
+            .transpose()?;
+        let created_at = doc
+            .created_at
+            .as_deref()
+            .map(|s| parse_timestamp("created_at", s))
+            .transpose()?;
         let params = Params {
             style: doc.params.style.map(style_choice).transpose()?,
-            style_image: doc.params.style_image.as_ref().map(|i| i.decode("params.style_image")).transpose()?,
+            style_image: doc
+                .params
+                .style_image
+                .as_ref()
+                .map(|i| i.decode("params.style_image"))
+                .transpose()?,
             strength: doc.params.strength.map(strength).transpose()?,
             size: doc.params.size,
         };
@@ -273,7 +292,10 @@ fn style_choice(style: WireStyle) -> Result<StyleChoice, RequestError> {
                 .map(|(key, weight)| {
                     // Canonical decimal only ("3", not "03" or "+3"), as the schema says.
                     let index: i64 = key.parse().ok().filter(|i: &i64| i.to_string() == key).ok_or_else(|| {
-                        RequestError::new(ErrorCode::InvalidParams, format!("style blend key {key:?} is not a style index"))
+                        RequestError::new(
+                            ErrorCode::InvalidParams,
+                            format!("style blend key {key:?} is not a style index"),
+                        )
                     })?;
                     if !weight.is_finite() || weight < 0.0 {
                         return Err(RequestError::new(
@@ -340,7 +362,10 @@ mod tests {
             GenerationRequest::parse(b"\xff\xfe", 1 << 20).unwrap_err().0.code,
             ErrorCode::MalformedRequest
         );
-        assert_eq!(GenerationRequest::parse(&body(valid()), 10).unwrap_err().0.code, ErrorCode::MessageTooLarge);
+        assert_eq!(
+            GenerationRequest::parse(&body(valid()), 10).unwrap_err().0.code,
+            ErrorCode::MessageTooLarge
+        );
         let mut v = valid();
         v["version"] = 2.into();
         assert_eq!(code_of(v), ErrorCode::UnsupportedVersion);

@@ -73,7 +73,10 @@ fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits, what: &str) 
     if width.min(height) < limits.min_side {
         return Err(RequestError::new(
             ErrorCode::ImageTooSmall,
-            format!("{what} is {width}x{height}; both sides need at least {} pixels", limits.min_side),
+            format!(
+                "{what} is {width}x{height}; both sides need at least {} pixels",
+                limits.min_side
+            ),
         ));
     }
     Ok(())
@@ -140,17 +143,35 @@ mod tests {
         // A real PNG signature followed by garbage.
         let mut broken = png(&RgbaImage::new(40, 40));
         broken.truncate(60);
-        assert_eq!(decode_rgb(&broken, &LIMITS, "image").unwrap_err().code, ErrorCode::InvalidImage);
+        assert_eq!(
+            decode_rgb(&broken, &LIMITS, "image").unwrap_err().code,
+            ErrorCode::InvalidImage
+        );
     }
 
     #[test]
     fn refuses_small_and_large_images_by_their_header() {
         let small = png(&RgbaImage::new(31, 100));
-        assert_eq!(decode_rgb(&small, &LIMITS, "image").unwrap_err().code, ErrorCode::ImageTooSmall);
-        let limits = DecodeLimits { max_pixels: 1000, ..LIMITS };
+        assert_eq!(
+            decode_rgb(&small, &LIMITS, "image").unwrap_err().code,
+            ErrorCode::ImageTooSmall
+        );
+        let limits = DecodeLimits {
+            max_pixels: 1000,
+            ..LIMITS
+        };
         let big = png(&RgbaImage::new(40, 40));
-        assert_eq!(decode_rgb(&big, &limits, "image").unwrap_err().code, ErrorCode::ImageTooLarge);
-        let limits = DecodeLimits { max_bytes: 10, ..LIMITS };
-        assert_eq!(decode_rgb(&big, &limits, "image").unwrap_err().code, ErrorCode::ImageTooLarge);
+        assert_eq!(
+            decode_rgb(&big, &limits, "image").unwrap_err().code,
+            ErrorCode::ImageTooLarge
+        );
+        let limits = DecodeLimits {
+            max_bytes: 10,
+            ..LIMITS
+        };
+        assert_eq!(
+            decode_rgb(&big, &limits, "image").unwrap_err().code,
+            ErrorCode::ImageTooLarge
+        );
     }
 }

@@ -6,7 +6,7 @@ use image::{codecs::png, ExtendedColorType, ImageEncoder, RgbImage};
 /// for the default level, for files ~10–20% larger. Throughput wins; BENCHMARKS.md has the numbers.
 pub fn encode_png(image: &RgbImage) -> Vec<u8> {
     let mut out = Vec::with_capacity(image.as_raw().len() / 2);
-    png::PngEncoder::new_with_quality(&mut out, png::CompressionType::Fast, png::FilterType::Adaptive)
+    png::PngEncoder::new_with_quality(&mut out, png::CompressionType::Fast, png::FilterType::Paeth)
         .write_image(image.as_raw(), image.width(), image.height(), ExtendedColorType::Rgb8)
         .expect("writing RGB8 of matching size into a Vec cannot fail");
     out

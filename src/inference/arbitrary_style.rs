@@ -29,7 +29,11 @@ pub struct ArbitraryStyleInput {
 }
 
 /// Decode, check, resize and lay out one request for an arbitrary-style model.
-pub fn prepare(manifest: &Manifest, spec: &ArbitraryStyleSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+pub fn prepare(
+    manifest: &Manifest,
+    spec: &ArbitraryStyleSpec,
+    request: &GenerationRequest,
+) -> Result<Prepared, RequestError> {
     let params = &request.params;
     if params.style.is_some() {
         return Err(RequestError::new(
@@ -38,7 +42,10 @@ pub fn prepare(manifest: &Manifest, spec: &ArbitraryStyleSpec, request: &Generat
         ));
     }
     let style_bytes = params.style_image.as_deref().ok_or_else(|| {
-        RequestError::new(ErrorCode::InvalidParams, format!("{} needs params.style_image", manifest.name))
+        RequestError::new(
+            ErrorCode::InvalidParams,
+            format!("{} needs params.style_image", manifest.name),
+        )
     })?;
     let limits = &manifest.limits;
     let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
@@ -89,8 +96,16 @@ impl ArbitraryStyleRunner {
     /// Wrap the two sessions, checking they have the tensors the manifest names.
     pub fn new(predict: Session, transform: Session, spec: ArbitraryStyleSpec) -> anyhow::Result<Self> {
         super::check_names(&predict, &[&spec.predict_input], &[&spec.predict_output])?;
-        super::check_names(&transform, &[&spec.transform_image_input, &spec.transform_style_input], &[&spec.transform_output])?;
-        Ok(Self { predict, transform, spec })
+        super::check_names(
+            &transform,
+            &[&spec.transform_image_input, &spec.transform_style_input],
+            &[&spec.transform_output],
+        )?;
+        Ok(Self {
+            predict,
+            transform,
+            spec,
+        })
     }
 
     /// Run one request through both networks.
@@ -104,8 +119,10 @@ impl ArbitraryStyleRunner {
             }
         }
         let side = self.spec.content_size as usize;
-        let content = TensorRef::from_array_view((self.image_shape(side), input.content.as_slice())).map_err(|e| e.to_string())?;
-        let style = TensorRef::from_array_view(([1usize, 1, 1, vector.len()], vector.as_slice())).map_err(|e| e.to_string())?;
+        let content = TensorRef::from_array_view((self.image_shape(side), input.content.as_slice()))
+            .map_err(|e| e.to_string())?;
+        let style =
+            TensorRef::from_array_view(([1usize, 1, 1, vector.len()], vector.as_slice())).map_err(|e| e.to_string())?;
         let outputs = self
             .transform
             .run(ort::inputs![
@@ -117,7 +134,10 @@ impl ArbitraryStyleRunner {
             .try_extract_tensor::<f32>()
             .map_err(|e| e.to_string())?;
         if data.len() != 3 * side * side {
-            return Err(format!("the transform returned {} values for a {side}x{side} image", data.len()));
+            return Err(format!(
+                "the transform returned {} values for a {side}x{side} image",
+                data.len()
+            ));
         }
         Ok(data.to_vec())
     }

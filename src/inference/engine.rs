@@ -83,7 +83,12 @@ pub struct InferenceEngine {
 impl InferenceEngine {
     /// Start the thread: build a session for every model (and warm each one up), then serve jobs.
     /// Returns once the models are loaded, or with the reason they could not be.
-    pub fn start(registry: &ModelRegistry, runtime: Runtime, queue_capacity: usize, warmup: bool) -> anyhow::Result<Self> {
+    pub fn start(
+        registry: &ModelRegistry,
+        runtime: Runtime,
+        queue_capacity: usize,
+        warmup: bool,
+    ) -> anyhow::Result<Self> {
         let (jobs, queue) = mpsc::channel(queue_capacity.max(1));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let manifests: Vec<Manifest> = registry.iter().map(|m| Manifest::clone(m)).collect();
@@ -105,7 +110,9 @@ impl InferenceEngine {
                 tracing::debug!(loaded = ok, "inference thread stopped");
             })
             .context("cannot spawn the inference thread")?;
-        ready_rx.recv().context("the inference thread died while loading models")??;
+        ready_rx
+            .recv()
+            .context("the inference thread died while loading models")??;
         Ok(Self {
             handle: InferenceHandle { jobs, provider },
             thread,
@@ -145,7 +152,11 @@ impl Runner {
     fn warmup_input(manifest: &Manifest) -> ModelInput {
         match &manifest.pipeline {
             PipelineSpec::StyleBank(spec) => {
-                let side = manifest.limits.min_side.max(64).next_multiple_of(manifest.limits.multiple_of);
+                let side = manifest
+                    .limits
+                    .min_side
+                    .max(64)
+                    .next_multiple_of(manifest.limits.multiple_of);
                 let mut weights = vec![0.0; spec.styles];
                 weights[0] = 1.0;
                 ModelInput::StyleBank(StyleBankInput {

@@ -135,9 +135,13 @@ impl Manifest {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("manifest.toml");
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut manifest: Self = toml::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
+        let mut manifest: Self =
+            toml::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
         manifest.dir = dir.to_owned();
-        manifest.limits.check().with_context(|| format!("invalid manifest {}", path.display()))?;
+        manifest
+            .limits
+            .check()
+            .with_context(|| format!("invalid manifest {}", path.display()))?;
         for file in manifest.files() {
             if !file.is_file() {
                 bail!("{} names {}, which does not exist", path.display(), file.display());

@@ -67,22 +67,36 @@ pub struct Finish {
 impl Finish {
     /// Turn one output sample into the result image.
     pub fn apply(self, output: &[f32]) -> RgbImage {
-        let (cw, ch) = self.crop;
-        let unit = tensor::read_unit_rgb(output, self.tensor_width, self.tensor_height, self.layout, self.value_range, cw, ch);
-        let image = tensor::to_image(&unit, cw, ch, self.blend.as_ref().map(|(img, s)| (img, *s)));
-        let (ow, oh) = self.output;
-        resize_rgb(&image, ow, oh)
+        let image = tensor::tensor_to_image(
+            output,
+            (self.tensor_width, self.tensor_height),
+            self.layout,
+            self.value_range,
+            self.crop,
+            self.blend.as_ref().map(|(img, s)| (img, *s)),
+        );
+        if image.dimensions() == self.output {
+            return image;
+        }
+        resize_rgb(&image, self.output.0, self.output.1)
     }
 }
 
 /// The output size for a request: `size` as the longer side (checked against the model's limits),
 /// or the input's own size capped at `default_max_side`.
-fn output_size(limits: &ModelLimits, size: Option<u32>, (width, height): (u32, u32)) -> Result<(u32, u32), RequestError> {
+fn output_size(
+    limits: &ModelLimits,
+    size: Option<u32>,
+    (width, height): (u32, u32),
+) -> Result<(u32, u32), RequestError> {
     let long = match size {
         Some(s) if s < limits.min_side || s > limits.max_side => {
             return Err(RequestError::new(
                 ErrorCode::InvalidParams,
-                format!("size must be between {} and {}, got {s}", limits.min_side, limits.max_side),
+                format!(
+                    "size must be between {} and {}, got {s}",
+                    limits.min_side, limits.max_side
+                ),
             ))
         }
         Some(s) => s,

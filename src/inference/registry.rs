@@ -19,11 +19,15 @@ pub struct ModelRegistry {
 impl ModelRegistry {
     /// Read the manifest of every enabled model. A missing or invalid one is a startup error.
     pub fn load(settings: &ModelSettings) -> anyhow::Result<Self> {
-        anyhow::ensure!(!settings.enabled.is_empty(), "models.enabled is empty: there would be nothing to serve");
+        anyhow::ensure!(
+            !settings.enabled.is_empty(),
+            "models.enabled is empty: there would be nothing to serve"
+        );
         let mut models = BTreeMap::new();
         for name in &settings.enabled {
             let dir = settings.dir.join(name);
-            let manifest = Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
+            let manifest =
+                Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
             anyhow::ensure!(
                 manifest.name == *name,
                 "{} declares name {:?}; the folder and the name must agree",
@@ -39,7 +43,10 @@ impl ModelRegistry {
     pub fn get(&self, name: &str) -> Result<&Arc<Manifest>, RequestError> {
         self.models.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
-            RequestError::new(ErrorCode::UnknownModel, format!("model {name:?} is not served here; models: {}", known.join(", ")))
+            RequestError::new(
+                ErrorCode::UnknownModel,
+                format!("model {name:?} is not served here; models: {}", known.join(", ")),
+            )
         })
     }
 

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use ort::ep::{self, ExecutionProvider as _};
 use ort::session::Session;
 
-use crate::configuration::{ArenaExtendStrategy, ConvAlgorithmSearch, ExecutionProviderKind, Fallback, InferenceSettings, ORT_VERSION};
+use crate::configuration::{
+    ArenaExtendStrategy, ConvAlgorithmSearch, ExecutionProviderKind, Fallback, InferenceSettings, ORT_VERSION,
+};
 
 /// Why inference could not start. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +97,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("provider", &self.provider).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,7 +115,10 @@ impl Runtime {
             };
             return Err(StartupError::LibraryMissing { path, flavor, package });
         }
-        let load_error = |reason: String| StartupError::LibraryLoad { path: path.clone(), reason };
+        let load_error = |reason: String| StartupError::LibraryLoad {
+            path: path.clone(),
+            reason,
+        };
         let environment = ort::init_from(&path)
             .map_err(|e| load_error(e.to_string()))?
             .with_name("kiln")
@@ -149,8 +156,14 @@ impl Runtime {
 
     /// A session for `model`, on the active provider.
     pub fn session(&self, model: &Path) -> Result<Session, StartupError> {
-        let model_error = |reason: String| StartupError::Model { path: model.to_owned(), reason };
-        let mut builder = Session::builder(&self.environment).map_err(|e| model_error(e.to_string()))?;
+        let model_error = |reason: String| StartupError::Model {
+            path: model.to_owned(),
+            reason,
+        };
+        let mut builder = Session::builder(&self.environment)
+            .map_err(|e| model_error(e.to_string()))?
+            .with_intra_op_spinning(self.settings.intra_op_spinning)
+            .map_err(|e| model_error(e.to_string()))?;
         if self.settings.intra_threads > 0 {
             builder = builder
                 .with_intra_threads(self.settings.intra_threads)

@@ -26,12 +26,19 @@ pub struct StyleBankInput {
 }
 
 /// Decode, check, resize and lay out one request for a style bank model.
-pub fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+pub fn prepare(
+    manifest: &Manifest,
+    spec: &StyleBankSpec,
+    request: &GenerationRequest,
+) -> Result<Prepared, RequestError> {
     let params = &request.params;
     if params.style_image.is_some() {
         return Err(RequestError::new(
             ErrorCode::InvalidParams,
-            format!("{} does not take style_image; choose a built-in style with `style`", manifest.name),
+            format!(
+                "{} does not take style_image; choose a built-in style with `style`",
+                manifest.name
+            ),
         ));
     }
     let weights = style_weights(params.style.as_ref(), spec.styles)?;
@@ -40,7 +47,10 @@ pub fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRe
     let (width, height) = output_size(limits, params.size, photo.dimensions())?;
     let photo = resize_rgb(&photo, width, height);
 
-    let (tensor_w, tensor_h) = (round_up(width, limits.multiple_of), round_up(height, limits.multiple_of));
+    let (tensor_w, tensor_h) = (
+        round_up(width, limits.multiple_of),
+        round_up(height, limits.multiple_of),
+    );
     let mut image = vec![0.0; 3 * tensor_w as usize * tensor_h as usize];
     tensor::write_tensor(&photo, tensor_w, tensor_h, spec.layout, spec.value_range, &mut image);
 
@@ -72,7 +82,10 @@ fn round_up(value: u32, multiple: u32) -> u32 {
 fn style_weights(choice: Option<&StyleChoice>, styles: usize) -> Result<Vec<f32>, RequestError> {
     let check = |index: i64| -> Result<usize, RequestError> {
         usize::try_from(index).ok().filter(|&i| i < styles).ok_or_else(|| {
-            RequestError::new(ErrorCode::UnknownStyle, format!("style {index} does not exist; styles are 0 to {}", styles - 1))
+            RequestError::new(
+                ErrorCode::UnknownStyle,
+                format!("style {index} does not exist; styles are 0 to {}", styles - 1),
+            )
         })
     };
     let mut weights = vec![0.0_f64; styles];
@@ -87,7 +100,10 @@ fn style_weights(choice: Option<&StyleChoice>, styles: usize) -> Result<Vec<f32>
     }
     let total: f64 = weights.iter().sum();
     if !(total > 0.0 && total.is_finite()) {
-        return Err(RequestError::new(ErrorCode::InvalidParams, "style weights must not all be zero"));
+        return Err(RequestError::new(
+            ErrorCode::InvalidParams,
+            "style weights must not all be zero",
+        ));
     }
     Ok(weights.into_iter().map(|w| (w / total) as f32).collect())
 }
@@ -125,7 +141,8 @@ impl StyleBankRunner {
             crate::imaging::Layout::Nhwc => [n, h, w, 3],
         };
         let image = TensorRef::from_array_view((image_shape, images.as_slice())).map_err(|e| e.to_string())?;
-        let style = TensorRef::from_array_view(([n, self.spec.styles], weights.as_slice())).map_err(|e| e.to_string())?;
+        let style =
+            TensorRef::from_array_view(([n, self.spec.styles], weights.as_slice())).map_err(|e| e.to_string())?;
         let outputs = self
             .session
             .run(ort::inputs![
@@ -150,7 +167,10 @@ mod tests {
     #[test]
     fn weights_for_single_styles_and_blends() {
         assert_eq!(style_weights(None, 3).unwrap(), vec![1.0, 0.0, 0.0]);
-        assert_eq!(style_weights(Some(&StyleChoice::Single(2)), 3).unwrap(), vec![0.0, 0.0, 1.0]);
+        assert_eq!(
+            style_weights(Some(&StyleChoice::Single(2)), 3).unwrap(),
+            vec![0.0, 0.0, 1.0]
+        );
         let blend = StyleChoice::Blend(vec![(0, 1.0), (2, 3.0)]);
         assert_eq!(style_weights(Some(&blend), 3).unwrap(), vec![0.25, 0.0, 0.75]);
     }

@@ -32,7 +32,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -68,27 +72,86 @@ async fn every_kind_of_bad_request_gets_its_error_code_and_is_acknowledged() {
     let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("binary garbage", vec![0xff, 0xfe, 0x00, 0x13], ErrorCode::MalformedRequest),
-        ("not JSON", b"stylize my cat please".to_vec(), ErrorCode::MalformedRequest),
+        (
+            "binary garbage",
+            vec![0xff, 0xfe, 0x00, 0x13],
+            ErrorCode::MalformedRequest,
+        ),
+        (
+            "not JSON",
+            b"stylize my cat please".to_vec(),
+            ErrorCode::MalformedRequest,
+        ),
         ("a JSON array", b"[1, 2]".to_vec(), ErrorCode::MalformedRequest),
         ("version 2", with(&["version"], json!(2)), ErrorCode::UnsupportedVersion),
-        ("version as a string", with(&["version"], json!("1")), ErrorCode::MalformedRequest),
+        (
+            "version as a string",
+            with(&["version"], json!("1")),
+            ErrorCode::MalformedRequest,
+        ),
         ("missing user_id", without("user_id"), ErrorCode::MalformedRequest),
         ("missing image", without("image"), ErrorCode::MalformedRequest),
-        ("unknown field", with(&["colour"], json!("red")), ErrorCode::MalformedRequest),
-        ("unknown param", with(&["params", "steps"], json!(30)), ErrorCode::MalformedRequest),
-        ("request_id with a space", with(&["request_id"], json!("a b")), ErrorCode::InvalidRequest),
-        ("user_id with a newline", with(&["user_id"], json!("eve\nadmin")), ErrorCode::InvalidRequest),
-        ("deadline not RFC 3339", with(&["deadline"], json!("tomorrow")), ErrorCode::InvalidRequest),
-        ("unknown model", with(&["model"], json!("stable-diffusion")), ErrorCode::UnknownModel),
-        ("style 26", with(&["params", "style"], json!(26)), ErrorCode::UnknownStyle),
-        ("blend with style 40", with(&["params", "style"], json!({"3": 1, "40": 1})), ErrorCode::UnknownStyle),
-        ("all-zero blend", with(&["params", "style"], json!({"3": 0})), ErrorCode::InvalidParams),
-        ("strength 2", with(&["params", "strength"], json!(2.0)), ErrorCode::InvalidParams),
-        ("size over the limit", with(&["params", "size"], json!(99_999)), ErrorCode::InvalidParams),
+        (
+            "unknown field",
+            with(&["colour"], json!("red")),
+            ErrorCode::MalformedRequest,
+        ),
+        (
+            "unknown param",
+            with(&["params", "steps"], json!(30)),
+            ErrorCode::MalformedRequest,
+        ),
+        (
+            "request_id with a space",
+            with(&["request_id"], json!("a b")),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "user_id with a newline",
+            with(&["user_id"], json!("eve\nadmin")),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "deadline not RFC 3339",
+            with(&["deadline"], json!("tomorrow")),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "unknown model",
+            with(&["model"], json!("stable-diffusion")),
+            ErrorCode::UnknownModel,
+        ),
+        (
+            "style 26",
+            with(&["params", "style"], json!(26)),
+            ErrorCode::UnknownStyle,
+        ),
+        (
+            "blend with style 40",
+            with(&["params", "style"], json!({"3": 1, "40": 1})),
+            ErrorCode::UnknownStyle,
+        ),
+        (
+            "all-zero blend",
+            with(&["params", "style"], json!({"3": 0})),
+            ErrorCode::InvalidParams,
+        ),
+        (
+            "strength 2",
+            with(&["params", "strength"], json!(2.0)),
+            ErrorCode::InvalidParams,
+        ),
+        (
+            "size over the limit",
+            with(&["params", "size"], json!(99_999)),
+            ErrorCode::InvalidParams,
+        ),
         (
             "style_image for multistyle26",
-            with(&["params", "style_image"], json!({"data": WireImage::from_bytes(&photo).data})),
+            with(
+                &["params", "style_image"],
+                json!({"data": WireImage::from_bytes(&photo).data}),
+            ),
             ErrorCode::InvalidParams,
         ),
         (
@@ -101,13 +164,41 @@ async fn every_kind_of_bad_request_gets_its_error_code_and_is_acknowledged() {
             },
             ErrorCode::InvalidParams,
         ),
-        ("image not base64", with(&["image", "data"], json!("@@@@")), ErrorCode::InvalidImage),
-        ("image not an image", with(&["image", "data"], json!(WireImage::from_bytes(b"hello world").data)), ErrorCode::InvalidImage),
-        ("GIF", with(&["image", "data"], json!(WireImage::from_bytes(&gif).data)), ErrorCode::InvalidImage),
-        ("truncated PNG", with(&["image", "data"], json!(WireImage::from_bytes(&truncated).data)), ErrorCode::InvalidImage),
-        ("decompression bomb", with(&["image", "data"], json!(WireImage::from_bytes(&png_bomb()).data)), ErrorCode::ImageTooLarge),
-        ("16x16 image", with(&["image", "data"], json!(WireImage::from_bytes(&small_png(16)).data)), ErrorCode::ImageTooSmall),
-        ("deadline passed", with(&["deadline"], json!("2020-01-01T00:00:00Z")), ErrorCode::Expired),
+        (
+            "image not base64",
+            with(&["image", "data"], json!("@@@@")),
+            ErrorCode::InvalidImage,
+        ),
+        (
+            "image not an image",
+            with(&["image", "data"], json!(WireImage::from_bytes(b"hello world").data)),
+            ErrorCode::InvalidImage,
+        ),
+        (
+            "GIF",
+            with(&["image", "data"], json!(WireImage::from_bytes(&gif).data)),
+            ErrorCode::InvalidImage,
+        ),
+        (
+            "truncated PNG",
+            with(&["image", "data"], json!(WireImage::from_bytes(&truncated).data)),
+            ErrorCode::InvalidImage,
+        ),
+        (
+            "decompression bomb",
+            with(&["image", "data"], json!(WireImage::from_bytes(&png_bomb()).data)),
+            ErrorCode::ImageTooLarge,
+        ),
+        (
+            "16x16 image",
+            with(&["image", "data"], json!(WireImage::from_bytes(&small_png(16)).data)),
+            ErrorCode::ImageTooSmall,
+        ),
+        (
+            "deadline passed",
+            with(&["deadline"], json!("2020-01-01T00:00:00Z")),
+            ErrorCode::Expired,
+        ),
     ];
 
     let mut app = spawn_app().await;
@@ -128,9 +219,15 @@ async fn every_kind_of_bad_request_gets_its_error_code_and_is_acknowledged() {
     }
     // Ids survive a request that fails after parsing, so producers can correlate by id too.
     let correlation = uuid::Uuid::new_v4().to_string();
-    producer.send_raw(&with(&["params", "style"], json!(99)), &correlation).await.unwrap();
+    producer
+        .send_raw(&with(&["params", "style"], json!(99)), &correlation)
+        .await
+        .unwrap();
     let reply = producer.reply_to(&correlation, REPLY_TIMEOUT).await.unwrap();
-    assert_eq!(reply.document.request_id, valid["request_id"].as_str().map(str::to_owned));
+    assert_eq!(
+        reply.document.request_id,
+        valid["request_id"].as_str().map(str::to_owned)
+    );
     assert_eq!(reply.document.model.as_deref(), Some("multistyle26"));
 
     producer.close().await;

@@ -19,8 +19,15 @@ fn examples(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().unwrap().to_string_lossy().starts_with(prefix))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json") && p.file_name().unwrap().to_string_lossy().starts_with(prefix)
+        })
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -28,7 +35,11 @@ fn examples(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_worker_accepts_every_valid_example_and_refuses_every_invalid_one() {
-    let registry = ModelRegistry::load(&ModelSettings { dir: repo().join("models"), ..Default::default() }).unwrap();
+    let registry = ModelRegistry::load(&ModelSettings {
+        dir: repo().join("models"),
+        ..Default::default()
+    })
+    .unwrap();
     let check = |body: &[u8]| -> Result<(), String> {
         let request = GenerationRequest::parse(body, 1 << 20).map_err(|(e, _)| e.to_string())?;
         registry.prepare(&request).map(drop).map_err(|e| e.to_string())
@@ -58,11 +69,21 @@ async fn what_goes_on_the_wire_validates_against_the_published_schemas() {
     bad.deadline = Some("2020-01-01T00:00:00Z".into());
     for req in [&good, &bad] {
         let sent = serde_json::to_value(req).unwrap();
-        assert!(request_schema.is_valid(&sent), "{:?}", request_schema.iter_errors(&sent).map(|e| e.to_string()).collect::<Vec<_>>());
+        assert!(
+            request_schema.is_valid(&sent),
+            "{:?}",
+            request_schema
+                .iter_errors(&sent)
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+        );
         let reply = producer.request(req, REPLY_TIMEOUT).await.unwrap();
         assert_eq!(reply.document.error.is_some(), std::ptr::eq(req, &bad));
         let doc = serde_json::to_value(&reply.document).unwrap();
-        let errors: Vec<String> = reply_schema.iter_errors(&doc).map(|e| format!("{e} at {}", e.instance_path)).collect();
+        let errors: Vec<String> = reply_schema
+            .iter_errors(&doc)
+            .map(|e| format!("{e} at {}", e.instance_path))
+            .collect();
         assert!(errors.is_empty(), "{doc}: {errors:?}");
     }
     producer.close().await;

@@ -35,25 +35,43 @@ async fn outputs_match_the_python_onnxruntime_reference() {
         let mut req = request(&read(&format!("tests/data/{}", case.input)), case.style.clone());
         req.model = case.model.clone();
         req.params.strength = Some(case.strength);
-        req.params.style_image = case.style_image.as_ref().map(|f| WireImage::from_bytes(&read(&format!("tests/data/{f}"))));
+        req.params.style_image = case
+            .style_image
+            .as_ref()
+            .map(|f| WireImage::from_bytes(&read(&format!("tests/data/{f}"))));
         let reply = producer.request(&req, REPLY_TIMEOUT).await.unwrap();
 
         let doc = &reply.document;
         assert_eq!(doc.status, ReplyStatus::Ok, "{}: {:?}", case.name, doc.error);
         assert_eq!(doc.request_id.as_deref(), Some(req.request_id.as_str()));
         let info = doc.image.as_ref().unwrap();
-        assert_eq!((info.width, info.height, info.bytes), (case.width, case.height, reply.body.len()));
+        assert_eq!(
+            (info.width, info.height, info.bytes),
+            (case.width, case.height, reply.body.len())
+        );
         assert!(doc.timings_ms.inference > 0.0 && doc.timings_ms.total >= doc.timings_ms.inference);
 
         let got = decode_png(&reply.body);
-        let want = image::open(repo().join("tests/data").join(&case.expected)).unwrap().into_rgb8();
+        let want = image::open(repo().join("tests/data").join(&case.expected))
+            .unwrap()
+            .into_rgb8();
         assert_eq!(got.dimensions(), want.dimensions(), "{}", case.name);
-        let diffs: Vec<u8> = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
+        let diffs: Vec<u8> = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
         let max = diffs.iter().copied().max().unwrap();
         let off = diffs.iter().filter(|d| **d > 0).count();
         // Same library (1.31.1), same graph maths: only float rounding may flip a value by one level.
         assert!(max <= 1, "{}: max difference {max} levels", case.name);
-        assert!(off * 1000 < diffs.len(), "{}: {off} of {} values differ", case.name, diffs.len());
+        assert!(
+            off * 1000 < diffs.len(),
+            "{}: {off} of {} values differ",
+            case.name,
+            diffs.len()
+        );
     }
     producer.close().await;
     app.stop().await;
@@ -71,8 +89,17 @@ async fn a_jpeg_photo_is_resized_to_the_requested_size() {
     assert_eq!(png.dimensions(), (150, 100), "600x400 scaled to a longer side of 150");
 
     // The stylized picture is not the photo: style 19 changes most pixels a lot.
-    let photo = image::load_from_memory(&read("samples/coffee.jpg")).unwrap().resize_exact(150, 100, image::imageops::Lanczos3).into_rgb8();
-    let mean_diff: f64 = png.as_raw().iter().zip(photo.as_raw()).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>() / png.as_raw().len() as f64;
+    let photo = image::load_from_memory(&read("samples/coffee.jpg"))
+        .unwrap()
+        .resize_exact(150, 100, image::imageops::Lanczos3)
+        .into_rgb8();
+    let mean_diff: f64 = png
+        .as_raw()
+        .iter()
+        .zip(photo.as_raw())
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / png.as_raw().len() as f64;
     assert!(mean_diff > 20.0, "mean difference from the photo is only {mean_diff}");
     producer.close().await;
     app.stop().await;
@@ -83,11 +110,20 @@ async fn strength_zero_gives_back_the_photo() {
     let app = spawn_app().await;
     let mut producer = app.producer().await;
     let input = read("tests/data/astronaut-crop-250x198.png");
-    let mut req = request(&input, Some(WireStyle::Blend(BTreeMap::from([("3".into(), 1.0), ("12".into(), 2.0)]))));
+    let mut req = request(
+        &input,
+        Some(WireStyle::Blend(BTreeMap::from([
+            ("3".into(), 1.0),
+            ("12".into(), 2.0),
+        ]))),
+    );
     req.params.strength = Some(0.0);
     let reply = producer.request(&req, REPLY_TIMEOUT).await.unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
-    assert_eq!(decode_png(&reply.body), image::load_from_memory(&input).unwrap().into_rgb8());
+    assert_eq!(
+        decode_png(&reply.body),
+        image::load_from_memory(&input).unwrap().into_rgb8()
+    );
     producer.close().await;
     app.stop().await;
 }
@@ -97,7 +133,14 @@ async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id()
     let app = spawn_app().await;
     let channel = crate::helpers::admin_channel().await;
     let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let req = request(&read("tests/data/astronaut-256.png"), None);
@@ -112,7 +155,15 @@ async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id()
         .await
         .unwrap();
     let mut consumer = channel
-        .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
 
@@ -136,8 +187,14 @@ async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id()
         .unwrap()
         .unwrap();
     assert_eq!(delivery.routing_key.as_str(), req.request_id);
-    assert_eq!(delivery.properties.correlation_id().as_ref().map(|c| c.as_str()), Some(req.request_id.as_str()));
-    assert_eq!(delivery.properties.content_type().as_ref().map(|c| c.as_str()), Some("image/png"));
+    assert_eq!(
+        delivery.properties.correlation_id().as_ref().map(|c| c.as_str()),
+        Some(req.request_id.as_str())
+    );
+    assert_eq!(
+        delivery.properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("image/png")
+    );
     assert_eq!(decode_png(&delivery.data).dimensions(), (256, 256));
     app.stop().await;
 }
@@ -147,14 +204,28 @@ async fn the_submit_command_writes_the_png_and_prints_its_path() {
     let app = spawn_app().await;
     let out = std::env::temp_dir().join(format!("kiln-submit-{}.png", uuid::Uuid::new_v4()));
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["submit", "samples/astronaut.jpg", "--style", "3:0.5,12:0.5", "--size", "128", "--out"])
+        .args([
+            "submit",
+            "samples/astronaut.jpg",
+            "--style",
+            "3:0.5,12:0.5",
+            "--size",
+            "128",
+            "--out",
+        ])
         .arg(&out)
         .current_dir(repo())
         .env("KILN_AMQP__TOPOLOGY__PREFIX", &app.settings.amqp.topology.prefix)
         .output();
-    let output = tokio::time::timeout(REPLY_TIMEOUT + Duration::from_secs(10), output).await.unwrap().unwrap();
+    let output = tokio::time::timeout(REPLY_TIMEOUT + Duration::from_secs(10), output)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), out.display().to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        out.display().to_string()
+    );
     assert_eq!(decode_png(&std::fs::read(&out).unwrap()).dimensions(), (128, 128));
     std::fs::remove_file(&out).unwrap();
 

@@ -124,7 +124,9 @@ impl TestApp {
 
     /// A producer sending to this worker's request queue.
     pub async fn producer(&self) -> Producer {
-        Producer::connect(&SecretString::from(AMQP_URL), &self.topology.requests).await.expect("producer connects")
+        Producer::connect(&SecretString::from(AMQP_URL), &self.topology.requests)
+            .await
+            .expect("producer connects")
     }
 
     /// Ask the worker to stop and wait until it has; the topology stays (see [`TestApp::cleanup`]).
@@ -170,7 +172,9 @@ fn passive() -> QueueDeclareOptions {
 
 /// A channel on a connection of the test's own.
 pub async fn admin_channel() -> Channel {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ on 127.0.0.1:5672");
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
     // Channels keep their connection open; it closes when the last of them is dropped.
     drop(connection);
@@ -191,10 +195,14 @@ pub async fn ready_messages(queue: &str) -> u32 {
 pub async fn delete_topology(topology: &Topology) {
     let channel = admin_channel().await;
     for queue in [&topology.requests, &topology.dead_letter_queue] {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for exchange in [&topology.results, &topology.dead_letter_exchange] {
-        let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
     }
 }
 
@@ -219,7 +227,9 @@ pub fn request(image: &[u8], style: Option<WireStyle>) -> RequestDocument {
 /// Decode a PNG body.
 pub fn decode_png(body: &[u8]) -> image::RgbImage {
     assert!(body.starts_with(b"\x89PNG\r\n\x1a\n"), "the body is not a PNG");
-    image::load_from_memory_with_format(body, image::ImageFormat::Png).expect("a decodable PNG").into_rgb8()
+    image::load_from_memory_with_format(body, image::ImageFormat::Png)
+        .expect("a decodable PNG")
+        .into_rgb8()
 }
 
 /// A `kiln worker` child process, its stderr (JSON logs) collected line by line.
@@ -236,7 +246,10 @@ impl WorkerProcess {
             .arg("worker")
             .current_dir(repo())
             .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
-            .env("KILN_AMQP__TOPOLOGY__DELIVERY_LIMIT", settings.amqp.topology.delivery_limit.to_string())
+            .env(
+                "KILN_AMQP__TOPOLOGY__DELIVERY_LIMIT",
+                settings.amqp.topology.delivery_limit.to_string(),
+            )
             .env("KILN_AMQP__PREFETCH", settings.amqp.prefetch.to_string())
             .env("KILN_MODELS__ENABLED", "multistyle26")
             .env("KILN_TELEMETRY__FORMAT", "json")
@@ -262,7 +275,11 @@ impl WorkerProcess {
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let started = Instant::now();
         while !self.log_contains(needle) {
-            assert!(started.elapsed() < timeout, "no log line with {needle:?} in {timeout:?}; log:\n{}", self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "no log line with {needle:?} in {timeout:?}; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -294,7 +311,11 @@ impl WorkerProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(started.elapsed() < timeout, "the worker did not exit; log:\n{}", self.log());
+            assert!(
+                started.elapsed() < timeout,
+                "the worker did not exit; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

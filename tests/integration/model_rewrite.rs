@@ -7,7 +7,10 @@ use ort::value::TensorRef;
 use crate::helpers::repo;
 
 fn session(env: &ort::environment::Environment, file: &str) -> Session {
-    Session::builder(env).unwrap().commit_from_file(repo().join("models/multistyle26").join(file)).unwrap()
+    Session::builder(env)
+        .unwrap()
+        .commit_from_file(repo().join("models/multistyle26").join(file))
+        .unwrap()
 }
 
 #[test]
@@ -25,7 +28,8 @@ fn a_mixed_style_batch_matches_the_original_model_run_one_by_one() {
         .map(|i| {
             let (s, rest) = (i / (3 * h * w), i % (3 * h * w));
             let (c, y, x) = (rest / (h * w), (rest / w) % h, rest % w);
-            (0.5 + 0.4 * ((x as f32 * 0.13 + (s / 2) as f32).sin() * (y as f32 * 0.07 + c as f32).cos())).clamp(0.0, 1.0)
+            (0.5 + 0.4 * ((x as f32 * 0.13 + (s / 2) as f32).sin() * (y as f32 * 0.07 + c as f32).cos()))
+                .clamp(0.0, 1.0)
         })
         .collect();
     let mut weights = vec![0.0f32; n * 26];
@@ -54,10 +58,19 @@ fn a_mixed_style_batch_matches_the_original_model_run_one_by_one() {
             ])
             .unwrap();
         let (_, want) = single["stylized"].try_extract_tensor::<f32>().unwrap();
-        let max = want.iter().zip(&batch_out[s * sample..]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max = want
+            .iter()
+            .zip(&batch_out[s * sample..])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(max < 1e-4, "sample {s}: max difference {max}");
     }
     // The samples really are different styles, not one style repeated.
-    let d01 = batch_out[..sample].iter().zip(&batch_out[sample..2 * sample]).map(|(a, b)| (a - b).abs()).sum::<f32>() / sample as f32;
+    let d01 = batch_out[..sample]
+        .iter()
+        .zip(&batch_out[sample..2 * sample])
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / sample as f32;
     assert!(d01 > 0.05, "styles 7 and 19 look alike ({d01})");
 }

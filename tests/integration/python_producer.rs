@@ -14,7 +14,17 @@ async fn the_pika_example_producer_gets_a_png() {
     let output = tokio::task::spawn_blocking(move || {
         Command::new(venv_python())
             .arg("examples/python/producer.py")
-            .args(["--queue", &queue, "--style", "3:0.5,12:0.5", "--size", "96", "--timeout", "120", "-o"])
+            .args([
+                "--queue",
+                &queue,
+                "--style",
+                "3:0.5,12:0.5",
+                "--size",
+                "96",
+                "--timeout",
+                "120",
+                "-o",
+            ])
             .arg(&out_arg)
             .arg("samples/coffee.jpg")
             .current_dir(repo())
@@ -23,10 +33,18 @@ async fn the_pika_example_producer_gets_a_png() {
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line on stdout");
     assert_eq!(summary["status"], "ok");
-    assert_eq!((summary["width"].as_u64(), summary["height"].as_u64()), (Some(96), Some(64)));
+    assert_eq!(
+        (summary["width"].as_u64(), summary["height"].as_u64()),
+        (Some(96), Some(64))
+    );
     assert_eq!(decode_png(&std::fs::read(&out).unwrap()).dimensions(), (96, 64));
     std::fs::remove_file(&out).unwrap();
 
@@ -35,7 +53,15 @@ async fn the_pika_example_producer_gets_a_png() {
     let output = tokio::task::spawn_blocking(move || {
         Command::new(venv_python())
             .arg("examples/python/producer.py")
-            .args(["--queue", &queue, "--style", "77", "samples/coffee.jpg", "-o", "/dev/null"])
+            .args([
+                "--queue",
+                &queue,
+                "--style",
+                "77",
+                "samples/coffee.jpg",
+                "-o",
+                "/dev/null",
+            ])
             .current_dir(repo())
             .output()
             .unwrap()

@@ -7,7 +7,9 @@ use kiln::domain::{ReplyStatus, WireStyle};
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 
-use crate::helpers::{admin_channel, delete_topology, read, ready_messages, request, test_settings, TestApp, WorkerProcess, REPLY_TIMEOUT};
+use crate::helpers::{
+    admin_channel, delete_topology, read, ready_messages, request, test_settings, TestApp, WorkerProcess, REPLY_TIMEOUT,
+};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -49,20 +51,34 @@ async fn a_worker_killed_mid_inference_loses_nothing() {
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
 
     let app_settings = settings.clone();
-    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &requests).await.unwrap();
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &requests)
+        .await
+        .unwrap();
     // A 2048 px render takes seconds on CPU: a wide window to kill the worker in.
     let mut req = request(&read("samples/astronaut.jpg"), Some(WireStyle::Index(5)));
     req.params.size = Some(2048);
     producer.send(&req).await.unwrap();
-    wait_for("the worker to take the request", REPLY_TIMEOUT, async || ready_messages(&requests).await == 0).await;
+    wait_for("the worker to take the request", REPLY_TIMEOUT, async || {
+        ready_messages(&requests).await == 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     worker.kill();
 
-    assert!(producer.next_reply(Duration::from_millis(500)).await.is_err(), "no reply from a killed worker");
-    wait_for("the request to return to the queue", REPLY_TIMEOUT, async || ready_messages(&requests).await == 1).await;
+    assert!(
+        producer.next_reply(Duration::from_millis(500)).await.is_err(),
+        "no reply from a killed worker"
+    );
+    wait_for("the request to return to the queue", REPLY_TIMEOUT, async || {
+        ready_messages(&requests).await == 1
+    })
+    .await;
 
     let app = TestApp::start(app_settings).await;
-    let reply = producer.reply_to(&req.request_id, Duration::from_secs(180)).await.unwrap();
+    let reply = producer
+        .reply_to(&req.request_id, Duration::from_secs(180))
+        .await
+        .unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
     assert_eq!(reply.document.image.unwrap().width, 2048);
     producer.close().await;
@@ -76,17 +92,27 @@ async fn a_crash_between_inference_and_reply_leads_to_redelivery_not_loss() {
     let mut crashing = WorkerProcess::spawn(&settings, &[("KILN_FAULTS__ABORT_BEFORE_REPLY", "true")]);
     crashing.wait_for_log("worker ready", START_TIMEOUT).await;
 
-    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests).await.unwrap();
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+        .await
+        .unwrap();
     let req = request(&read("tests/data/astronaut-256.png"), Some(WireStyle::Index(2)));
     producer.send(&req).await.unwrap();
     let status = crashing.wait_exit(REPLY_TIMEOUT).await;
     assert!(!status.success(), "the faulty worker aborts");
-    assert_eq!(crashing.count("aborting before the reply is published"), 1, "{}", crashing.log());
+    assert_eq!(
+        crashing.count("aborting before the reply is published"),
+        1,
+        "{}",
+        crashing.log()
+    );
     assert!(crashing.count("\"replied\"") == 0, "it aborted before replying");
 
     // Had the worker acknowledged before its reply was confirmed, the request would be gone now.
     assert!(producer.next_reply(Duration::from_millis(500)).await.is_err());
-    wait_for("the request to return to the queue", REPLY_TIMEOUT, async || ready_messages(&topology.requests).await == 1).await;
+    wait_for("the request to return to the queue", REPLY_TIMEOUT, async || {
+        ready_messages(&topology.requests).await == 1
+    })
+    .await;
 
     let app = TestApp::start(settings).await;
     let reply = producer.reply_to(&req.request_id, REPLY_TIMEOUT).await.unwrap();
@@ -106,16 +132,26 @@ async fn a_message_that_keeps_crashing_workers_ends_in_the_dead_letter_queue() {
         let mut crashing = WorkerProcess::spawn(&settings, &[("KILN_FAULTS__ABORT_BEFORE_REPLY", "true")]);
         crashing.wait_for_log("worker ready", START_TIMEOUT).await;
         if attempt == 1 {
-            let producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests).await.unwrap();
+            let producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+                .await
+                .unwrap();
             producer.send(&req).await.unwrap();
             producer.close().await;
         }
         assert!(!crashing.wait_exit(REPLY_TIMEOUT).await.success());
         if attempt == 2 {
-            assert_eq!(crashing.count("\"redelivered\":true"), 1, "the second worker sees a redelivery:\n{}", crashing.log());
+            assert_eq!(
+                crashing.count("\"redelivered\":true"),
+                1,
+                "the second worker sees a redelivery:\n{}",
+                crashing.log()
+            );
         }
     }
-    wait_for("the dead letter", REPLY_TIMEOUT, async || ready_messages(&topology.dead_letter_queue).await == 1).await;
+    wait_for("the dead letter", REPLY_TIMEOUT, async || {
+        ready_messages(&topology.dead_letter_queue).await == 1
+    })
+    .await;
     assert_eq!(ready_messages(&topology.requests).await, 0, "no third delivery");
     let (reason, body) = dead_letter(&topology.dead_letter_queue).await;
     assert_eq!(reason, "delivery_limit");
@@ -141,7 +177,10 @@ async fn a_reply_nobody_can_receive_sends_the_request_to_the_dead_letter_queue()
         .await
         .unwrap();
     let dlq = app.topology.dead_letter_queue.clone();
-    wait_for("the dead letter", REPLY_TIMEOUT, async || ready_messages(&dlq).await == 1).await;
+    wait_for("the dead letter", REPLY_TIMEOUT, async || {
+        ready_messages(&dlq).await == 1
+    })
+    .await;
     let (reason, body) = dead_letter(&dlq).await;
     assert_eq!(reason, "rejected");
     assert_eq!(body, serde_json::to_vec(&req).unwrap());
@@ -151,19 +190,39 @@ async fn a_reply_nobody_can_receive_sends_the_request_to_the_dead_letter_queue()
 
 #[tokio::test]
 async fn startup_retries_an_unreachable_broker_with_backoff_and_says_so() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let settings = test_settings();
     let topology = kiln::amqp::Topology::new(&settings.amqp.topology);
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let worker = WorkerProcess::spawn(
         &settings,
-        &[("KILN_AMQP__URL", &url), ("KILN_AMQP__RECONNECT__INITIAL_MS", "100"), ("KILN_AMQP__RECONNECT__MAX_MS", "400")],
+        &[
+            ("KILN_AMQP__URL", &url),
+            ("KILN_AMQP__RECONNECT__INITIAL_MS", "100"),
+            ("KILN_AMQP__RECONNECT__MAX_MS", "400"),
+        ],
     );
     let started = Instant::now();
-    wait_for("retries", START_TIMEOUT, async || worker.count("broker unreachable, retrying") >= 3).await;
-    assert!(started.elapsed() >= Duration::from_millis(300), "it backs off between attempts");
-    assert!(worker.log().contains("guest:***@127.0.0.1"), "the log names the broker without its password");
-    assert!(!worker.log().contains("guest:guest"), "the password never reaches the log");
+    wait_for("retries", START_TIMEOUT, async || {
+        worker.count("broker unreachable, retrying") >= 3
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it backs off between attempts"
+    );
+    assert!(
+        worker.log().contains("guest:***@127.0.0.1"),
+        "the log names the broker without its password"
+    );
+    assert!(
+        !worker.log().contains("guest:guest"),
+        "the password never reaches the log"
+    );
 
     // The broker "comes back": a proxy on that port to the real RabbitMQ.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
@@ -178,8 +237,13 @@ async fn startup_retries_an_unreachable_broker_with_backoff_and_says_so() {
     });
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
 
-    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests).await.unwrap();
-    let reply = producer.request(&request(&read("tests/data/astronaut-256.png"), None), REPLY_TIMEOUT).await.unwrap();
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+        .await
+        .unwrap();
+    let reply = producer
+        .request(&request(&read("tests/data/astronaut-256.png"), None), REPLY_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok);
     producer.close().await;
     drop(worker);

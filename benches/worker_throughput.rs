@@ -1,0 +1,296 @@
+//! Worker throughput against the raw model, in one run (run with `scripts/bench.sh`).
+//!
+//! For each size: raw ONNX Runtime images/s (a tight loop on a preloaded tensor, the same session
+//! options and thread count as the worker), then end-to-end worker images/s (publish N requests to
+//! RabbitMQ, time until the last reply), alternating for `--rounds` rounds so drift hits both alike. Also:
+//! cold start of `kiln worker` to ready, its peak RSS, and where the per-request time goes.
+//!
+//! Prints a Markdown table and writes `target/bench/worker_throughput.json`.
+
+use std::io::{BufRead, BufReader, Cursor};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::amqp::Topology;
+use kiln::configuration::Settings;
+use kiln::domain::{ReplyStatus, RequestDocument, WireImage, WireParams, WireStyle, CONTRACT_VERSION};
+use kiln::imaging::{Layout, ValueRange};
+use kiln::inference::Runtime;
+use kiln::submit::Producer;
+use ort::value::TensorRef;
+
+struct Args {
+    sizes: Vec<u32>,
+    threads: usize,
+    seconds: f64,
+    rounds: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sizes: vec![256, 512],
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        seconds: 10.0,
+        rounds: 3,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
+    for pair in argv.chunks(2) {
+        match (pair[0].as_str(), pair.get(1)) {
+            ("--sizes", Some(v)) => a.sizes = v.split(',').map(|s| s.parse().unwrap()).collect(),
+            ("--threads", Some(v)) => a.threads = v.parse().unwrap(),
+            ("--seconds", Some(v)) => a.seconds = v.parse().unwrap(),
+            ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
+            _ => panic!("usage: worker_throughput [--sizes 256,512] [--threads N] [--seconds S] [--rounds R]"),
+        }
+    }
+    a
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn settings(threads: usize) -> Settings {
+    let mut s = Settings::default();
+    s.amqp.topology.prefix = format!("kiln-bench-{}", uuid::Uuid::new_v4().simple());
+    s.inference.intra_threads = threads;
+    s.inference.runtime_library = Some(repo().join(s.inference.runtime_library_path()));
+    s
+}
+
+/// Raw model throughput: `session.run` on a preloaded `[1, 3, size, size]` tensor of the photo, for
+/// `seconds`.
+fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, seconds: f64) -> f64 {
+    let mut session = runtime
+        .session(&repo().join("models/multistyle26/multistyle26-batched.onnx"))
+        .unwrap();
+    let s = size as usize;
+    // The same photo the worker gets, as the tensor the worker would build from it: content
+    // matters (a flat grey image would skip the real activations' arithmetic).
+    let rgb = image::load_from_memory(photo).unwrap().into_rgb8();
+    let mut image = vec![0.0f32; 3 * s * s];
+    kiln::imaging::tensor::write_tensor(
+        &rgb,
+        size,
+        size,
+        Layout::Nchw,
+        ValueRange { low: 0.0, high: 1.0 },
+        &mut image,
+    );
+    let mut weights = vec![0.0f32; 26];
+    weights[7] = 1.0;
+    let mut run = || {
+        let out = session
+            .run(ort::inputs![
+                "image" => TensorRef::from_array_view(([1, 3, s, s], image.as_slice())).unwrap(),
+                "style_weights" => TensorRef::from_array_view(([1usize, 26], weights.as_slice())).unwrap(),
+            ])
+            .unwrap();
+        std::hint::black_box(&out);
+    };
+    run(); // warm-up
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed().as_secs_f64() < seconds || n < 3 {
+        run();
+        n += 1;
+    }
+    f64::from(n) / started.elapsed().as_secs_f64()
+}
+
+struct WorkerRun {
+    images_per_second: f64,
+    preprocess_ms: f64,
+    inference_ms: f64,
+    encode_ms: f64,
+    request_bytes: usize,
+    reply_bytes: usize,
+}
+
+/// End-to-end: publish `count` requests at once, time from the first publish to the last reply.
+async fn worker_images_per_second(producer: &mut Producer, photo: &[u8], count: usize) -> WorkerRun {
+    let requests: Vec<RequestDocument> = (0..count)
+        .map(|_| RequestDocument {
+            version: CONTRACT_VERSION,
+            request_id: uuid::Uuid::new_v4().to_string(),
+            user_id: "bench".into(),
+            model: "multistyle26".into(),
+            params: WireParams {
+                style: Some(WireStyle::Index(7)),
+                ..Default::default()
+            },
+            image: WireImage::from_bytes(photo),
+            deadline: None,
+            created_at: None,
+            tier: None,
+        })
+        .collect();
+    let request_bytes = serde_json::to_vec(&requests[0]).unwrap().len();
+    let started = Instant::now();
+    for r in &requests {
+        producer.send(r).await.unwrap();
+    }
+    let (mut pre, mut inf, mut enc, mut reply_bytes) = (0.0, 0.0, 0.0, 0);
+    for _ in 0..count {
+        let reply = producer.next_reply(Duration::from_secs(600)).await.unwrap();
+        assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
+        let t = &reply.document.timings_ms;
+        (pre, inf, enc) = (pre + t.preprocess, inf + t.inference, enc + t.encode);
+        reply_bytes += reply.body.len();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = count as f64;
+    WorkerRun {
+        images_per_second: n / elapsed,
+        preprocess_ms: pre / n,
+        inference_ms: inf / n,
+        encode_ms: enc / n,
+        request_bytes,
+        reply_bytes: reply_bytes / count,
+    }
+}
+
+fn jpeg_of_size(size: u32) -> Vec<u8> {
+    let photo = image::open(repo().join("samples/astronaut.jpg")).unwrap();
+    let resized = photo.resize_exact(size, size, image::imageops::Lanczos3).into_rgb8();
+    let mut out = Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&resized)
+        .unwrap();
+    out.into_inner()
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let args = args();
+    let settings = settings(args.threads);
+    let topology = Topology::new(&settings.amqp.topology);
+    let runtime = Runtime::init(&settings.inference).expect("ONNX Runtime (run scripts/setup.sh)");
+
+    // Cold start: process start to "worker ready" (models loaded and warmed, queue consumed).
+    let binary = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    let started = Instant::now();
+    let mut worker = Command::new(binary)
+        .arg("worker")
+        .current_dir(repo())
+        .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
+        .env("KILN_INFERENCE__INTRA_THREADS", args.threads.to_string())
+        .env("KILN_TELEMETRY__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln binary");
+    let mut log = BufReader::new(worker.stderr.take().unwrap()).lines();
+    loop {
+        let line = log.next().expect("the worker exited before it was ready").unwrap();
+        if line.contains("worker ready") {
+            break;
+        }
+    }
+    let cold_start = started.elapsed().as_secs_f64();
+    std::thread::spawn(move || for _ in log {});
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut producer = rt
+        .block_on(Producer::connect(&settings.amqp.url, &topology.requests))
+        .unwrap();
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        let photo = jpeg_of_size(size);
+        rt.block_on(worker_images_per_second(&mut producer, &photo, 3)); // warm-up at this size
+        let (mut raw, mut e2e) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            let r = raw_images_per_second(&runtime, &photo, size, args.seconds);
+            let count = ((r * args.seconds).round() as usize).max(8);
+            raw.push(r);
+            e2e.push(rt.block_on(worker_images_per_second(&mut producer, &photo, count)));
+        }
+        let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
+        let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
+        let last = e2e.last().unwrap();
+        rows.push(serde_json::json!({
+            "size": size,
+            "raw_images_per_second": raw,
+            "worker_images_per_second": e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>(),
+            "ratio": e2e_mean / raw_mean,
+            "worker_mean_ms": {"preprocess": last.preprocess_ms, "inference": last.inference_ms, "encode": last.encode_ms},
+            "request_bytes": last.request_bytes,
+            "reply_png_bytes": last.reply_bytes,
+        }));
+        eprintln!(
+            "size {size}: raw {raw:.2?} img/s, worker {:.2?} img/s",
+            e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>()
+        );
+    }
+    rt.block_on(producer.close());
+    let rss = peak_rss_mib(worker.id());
+    let _ = Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status();
+    let _ = worker.wait();
+    rt.block_on(async {
+        if let Ok(c) = lapin::Connection::connect(
+            secrecy::ExposeSecret::expose_secret(&settings.amqp.url),
+            Default::default(),
+        )
+        .await
+        {
+            let ch = c.create_channel().await.unwrap();
+            for q in [&topology.requests, &topology.dead_letter_queue] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for e in [&topology.results, &topology.dead_letter_exchange] {
+                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+            }
+        }
+    });
+
+    let report = serde_json::json!({
+        "threads": args.threads,
+        "cold_start_seconds": cold_start,
+        "worker_peak_rss_mib": rss,
+        "sizes": rows,
+    });
+    std::fs::create_dir_all(repo().join("target/bench")).unwrap();
+    std::fs::write(
+        repo().join("target/bench/worker_throughput.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+
+    println!(
+        "threads: {}; cold start to ready: {cold_start:.2} s; worker peak RSS: {rss:.0} MiB\n",
+        args.threads
+    );
+    println!("| size | raw ort img/s | worker img/s | worker ÷ raw | worker ms: decode+resize / inference / PNG | request / reply bytes |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let f = |v: &serde_json::Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| format!("{:.2}", x.as_f64().unwrap()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ms = &r["worker_mean_ms"];
+        println!(
+            "| {} | {} | {} | {:.3} | {:.1} / {:.1} / {:.1} | {} / {} |",
+            r["size"],
+            f(&r["raw_images_per_second"]),
+            f(&r["worker_images_per_second"]),
+            r["ratio"].as_f64().unwrap(),
+            ms["preprocess"].as_f64().unwrap(),
+            ms["inference"].as_f64().unwrap(),
+            ms["encode"].as_f64().unwrap(),
+            r["request_bytes"],
+            r["reply_png_bytes"],
+        );
+    }
+}
