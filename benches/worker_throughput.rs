@@ -31,8 +31,8 @@ fn args() -> Args {
     let mut a = Args {
         sizes: vec![256, 512],
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        seconds: 10.0,
-        rounds: 3,
+        seconds: 5.0,
+        rounds: 6,
     };
     let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
     for pair in argv.chunks(2) {
@@ -170,6 +170,67 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// What the wire encoding and PNG compression cost per image (milliseconds, this process, one core).
+fn wire_costs(size: u32) -> serde_json::Value {
+    use image::ImageEncoder;
+    let photo = jpeg_of_size(size);
+    let stylized = image::open(repo().join("tests/data/ref-style7.png"))
+        .unwrap()
+        .resize_exact(size, size, image::imageops::Lanczos3)
+        .into_rgb8();
+    let time = |n: u32, mut f: Box<dyn FnMut() -> usize>| {
+        let started = Instant::now();
+        let mut bytes = 0;
+        for _ in 0..n {
+            bytes = f();
+        }
+        (started.elapsed().as_secs_f64() * 1000.0 / f64::from(n), bytes)
+    };
+    let png = |compression: image::codecs::png::CompressionType| {
+        let img = stylized.clone();
+        Box::new(move || {
+            let mut out = Vec::new();
+            image::codecs::png::PngEncoder::new_with_quality(
+                &mut out,
+                compression,
+                image::codecs::png::FilterType::Paeth,
+            )
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .unwrap();
+            out.len()
+        }) as Box<dyn FnMut() -> usize>
+    };
+    let (fast_ms, fast_bytes) = time(20, png(image::codecs::png::CompressionType::Fast));
+    let (default_ms, default_bytes) = time(3, png(image::codecs::png::CompressionType::Default));
+    let kiln_png = kiln::imaging::encode_png(&stylized).len();
+    let doc = RequestDocument {
+        version: CONTRACT_VERSION,
+        request_id: "r".into(),
+        user_id: "u".into(),
+        model: "multistyle26".into(),
+        params: WireParams::default(),
+        image: WireImage::from_bytes(&photo),
+        deadline: None,
+        created_at: None,
+        tier: None,
+    };
+    let body = serde_json::to_vec(&doc).unwrap();
+    let (parse_ms, _) = time(
+        50,
+        Box::new(move || {
+            kiln::domain::GenerationRequest::parse(&body, usize::MAX)
+                .unwrap()
+                .image
+                .len()
+        }),
+    );
+    serde_json::json!({
+        "size": size, "jpeg_bytes": photo.len(), "request_json_bytes": serde_json::to_vec(&doc).unwrap().len(),
+        "request_parse_and_base64_ms": parse_ms, "png_fast_ms": fast_ms, "png_fast_bytes": fast_bytes,
+        "png_default_ms": default_ms, "png_default_bytes": default_bytes, "kiln_png_bytes": kiln_png,
+    })
+}
+
 fn main() {
     let args = args();
     let settings = settings(args.threads);
@@ -216,11 +277,17 @@ fn main() {
         let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
         let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
         let last = e2e.last().unwrap();
+        // Each round's worker rate over the raw rate just before it: how much noise is in the mean.
+        let mut paired: Vec<f64> = raw.iter().zip(&e2e).map(|(r, w)| w.images_per_second / r).collect();
+        paired.sort_by(f64::total_cmp);
         rows.push(serde_json::json!({
             "size": size,
             "raw_images_per_second": raw,
             "worker_images_per_second": e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>(),
+            "raw_mean": raw_mean,
+            "worker_mean": e2e_mean,
             "ratio": e2e_mean / raw_mean,
+            "paired_ratios_sorted": paired,
             "worker_mean_ms": {"preprocess": last.preprocess_ms, "inference": last.inference_ms, "encode": last.encode_ms},
             "request_bytes": last.request_bytes,
             "reply_png_bytes": last.reply_bytes,
@@ -251,7 +318,9 @@ fn main() {
         }
     });
 
+    let wire: Vec<serde_json::Value> = args.sizes.iter().map(|&size| wire_costs(size)).collect();
     let report = serde_json::json!({
+        "wire": wire,
         "threads": args.threads,
         "cold_start_seconds": cold_start,
         "worker_peak_rss_mib": rss,
@@ -268,29 +337,42 @@ fn main() {
         "threads: {}; cold start to ready: {cold_start:.2} s; worker peak RSS: {rss:.0} MiB\n",
         args.threads
     );
-    println!("| size | raw ort img/s | worker img/s | worker ÷ raw | worker ms: decode+resize / inference / PNG | request / reply bytes |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| size | raw ort img/s (mean of {0}) | worker img/s (mean of {0}) | worker ÷ raw | per-round ratios, min–max | worker ms: decode+resize / inference / PNG | request / reply bytes |",
+        args.rounds
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
-        let f = |v: &serde_json::Value| {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| format!("{:.2}", x.as_f64().unwrap()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let paired = r["paired_ratios_sorted"].as_array().unwrap();
         let ms = &r["worker_mean_ms"];
         println!(
-            "| {} | {} | {} | {:.3} | {:.1} / {:.1} / {:.1} | {} / {} |",
+            "| {} | {:.2} | {:.2} | **{:.3}** | {:.2}–{:.2} | {:.1} / {:.1} / {:.1} | {} / {} |",
             r["size"],
-            f(&r["raw_images_per_second"]),
-            f(&r["worker_images_per_second"]),
+            r["raw_mean"].as_f64().unwrap(),
+            r["worker_mean"].as_f64().unwrap(),
             r["ratio"].as_f64().unwrap(),
+            paired.first().unwrap().as_f64().unwrap(),
+            paired.last().unwrap().as_f64().unwrap(),
             ms["preprocess"].as_f64().unwrap(),
             ms["inference"].as_f64().unwrap(),
             ms["encode"].as_f64().unwrap(),
             r["request_bytes"],
             r["reply_png_bytes"],
+        );
+    }
+    println!("\n| size | JPEG in / request JSON bytes | parse + base64 ms | PNG fast: ms / bytes | PNG default: ms / bytes |");
+    println!("| --- | --- | --- | --- | --- |");
+    for w in &wire {
+        println!(
+            "| {} | {} / {} | {:.2} | {:.1} / {} | {:.1} / {} |",
+            w["size"],
+            w["jpeg_bytes"],
+            w["request_json_bytes"],
+            w["request_parse_and_base64_ms"].as_f64().unwrap(),
+            w["png_fast_ms"].as_f64().unwrap(),
+            w["png_fast_bytes"],
+            w["png_default_ms"].as_f64().unwrap(),
+            w["png_default_bytes"],
         );
     }
 }

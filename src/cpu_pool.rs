@@ -4,7 +4,8 @@
 //! ONNX Runtime's own threads. On a CPU worker they share cores, and ONNX Runtime's parallel
 //! operators wait for their slowest thread: a preprocessing thread preempting one of them stalls
 //! the whole operator. At lower priority, preparation fills the gaps instead, and the inference
-//! thread, the scarce resource, keeps its cores (BENCHMARKS.md measures the difference).
+//! thread, the scarce resource, keeps its cores. (On the 2-core development VM the measured effect
+//! is within noise; BENCHMARKS.md has the numbers.)
 
 use std::panic::AssertUnwindSafe;
 
