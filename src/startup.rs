@@ -173,16 +173,24 @@ impl Application {
             }
         };
 
-        if let SessionEnd::Stopped = end {
-            tracing::info!(
-                in_flight = tasks.len(),
-                "shutting down: no new requests; finishing those in flight"
-            );
-            let tag = consumer.tag();
-            let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
-        }
         let grace = Duration::from_millis(self.settings.worker.shutdown_grace_ms);
         let drained = tokio::time::timeout(grace, async {
+            if let SessionEnd::Stopped = end {
+                tracing::info!(
+                    in_flight = tasks.len(),
+                    "shutting down: no new requests; finishing those held"
+                );
+                // After the cancel, the consumer yields what the broker already sent (prefetched but
+                // not started) and then ends. Serving those too, rather than letting them return to
+                // the queue, keeps a deploy from adding to their delivery count.
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let worker = worker.clone();
+                    tasks.spawn(async move { worker.handle(delivery).await });
+                }
+            }
             while let Some(done) = tasks.join_next().await {
                 log_task(done);
             }

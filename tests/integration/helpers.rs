@@ -298,6 +298,14 @@ impl WorkerProcess {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// Send SIGTERM, as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
     /// Kill it with SIGKILL, as the OOM killer or a node failure would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -336,4 +344,54 @@ pub fn venv_python() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// A TCP proxy from a local port to RabbitMQ, whose connections can be cut: a broker that goes
+/// away and comes back, as a network partition or a broker restart looks to the worker.
+pub struct BrokerProxy {
+    accept: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl BrokerProxy {
+    /// Listen on `port` and forward every connection to 127.0.0.1:5672.
+    pub async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let registry = Arc::clone(&connections);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let forward = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().unwrap().push(forward);
+            }
+        });
+        Self { accept, connections }
+    }
+
+    /// Cut every open connection (new ones are still accepted).
+    pub fn sever(&self) {
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for BrokerProxy {
+    fn drop(&mut self) {
+        self.sever();
+        self.accept.abort();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (nothing listens on it when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -8,7 +8,8 @@ use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 
 use crate::helpers::{
-    admin_channel, delete_topology, read, ready_messages, request, test_settings, TestApp, WorkerProcess, REPLY_TIMEOUT,
+    admin_channel, delete_topology, free_port, read, ready_messages, request, test_settings, BrokerProxy, TestApp,
+    WorkerProcess, REPLY_TIMEOUT,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -189,12 +190,8 @@ async fn a_reply_nobody_can_receive_sends_the_request_to_the_dead_letter_queue()
 }
 
 #[tokio::test]
-async fn startup_retries_an_unreachable_broker_with_backoff_and_says_so() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+async fn the_worker_retries_an_unreachable_broker_and_reconnects_after_losing_it() {
+    let port = free_port();
     let settings = test_settings();
     let topology = kiln::amqp::Topology::new(&settings.amqp.topology);
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
@@ -225,28 +222,77 @@ async fn startup_retries_an_unreachable_broker_with_backoff_and_says_so() {
     );
 
     // The broker "comes back": a proxy on that port to the real RabbitMQ.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    let proxy = tokio::spawn(async move {
-        loop {
-            let (mut inbound, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut outbound = tokio::net::TcpStream::connect("127.0.0.1:5672").await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
-    });
+    let proxy = BrokerProxy::start(port).await;
+    worker.wait_for_log("worker ready", START_TIMEOUT).await;
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+        .await
+        .unwrap();
+    let photo = read("tests/data/astronaut-256.png");
+    let reply = producer.request(&request(&photo, None), REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(reply.document.status, ReplyStatus::Ok);
+
+    // The connection drops under the worker: it says so, reconnects, and serves again.
+    proxy.sever();
+    worker
+        .wait_for_log("lost the broker connection; reconnecting", START_TIMEOUT)
+        .await;
+    wait_for("a second ready", START_TIMEOUT, async || {
+        worker.count("worker ready") == 2
+    })
+    .await;
+    let reply = producer.request(&request(&photo, None), REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(reply.document.status, ReplyStatus::Ok);
+    producer.close().await;
+    drop(worker);
+    drop(proxy);
+    delete_topology(&topology).await;
+}
+
+#[tokio::test]
+async fn on_sigterm_the_worker_finishes_what_it_holds_and_exits_cleanly() {
+    let mut settings = test_settings();
+    settings.amqp.prefetch = 4;
+    let topology = kiln::amqp::Topology::new(&settings.amqp.topology);
+    let mut worker = WorkerProcess::spawn(&settings, &[]);
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
 
     let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
         .await
         .unwrap();
-    let reply = producer
-        .request(&request(&read("tests/data/astronaut-256.png"), None), REPLY_TIMEOUT)
-        .await
-        .unwrap();
-    assert_eq!(reply.document.status, ReplyStatus::Ok);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let mut req = request(&read("samples/astronaut.jpg"), Some(WireStyle::Index(9)));
+        req.params.size = Some(512);
+        producer.send(&req).await.unwrap();
+        ids.push(req.request_id);
+    }
+    // All four delivered to the worker (none left in the queue), most not yet rendered: stop now.
+    wait_for("the worker to hold all four", REPLY_TIMEOUT, async || {
+        ready_messages(&topology.requests).await == 0
+    })
+    .await;
+    worker.terminate();
+
+    let mut replied = Vec::new();
+    for _ in 0..4 {
+        let reply = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
+        assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
+        replied.push(reply.document.request_id.unwrap());
+    }
+    replied.sort();
+    ids.sort();
+    assert_eq!(replied, ids, "every held request answered, once");
+    assert!(worker.wait_exit(REPLY_TIMEOUT).await.success(), "{}", worker.log());
+    assert_eq!(worker.count("worker stopped"), 1);
+    assert!(
+        producer.next_reply(Duration::from_millis(500)).await.is_err(),
+        "no duplicate replies"
+    );
+    assert_eq!(
+        ready_messages(&topology.requests).await,
+        0,
+        "nothing returned to the queue"
+    );
     producer.close().await;
-    drop(worker);
-    proxy.abort();
     delete_topology(&topology).await;
 }
