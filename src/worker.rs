@@ -145,10 +145,11 @@ impl Worker {
             std::process::abort();
         }
         let error = reply.document.error.as_ref().map(|e| e.code);
+        let total_ms = reply.document.timings_ms.total;
         let published = self.publisher.publish(reply).await;
         let outcome = settle(&delivery, published, error).await;
         match &outcome {
-            Outcome::Replied { error: None } => tracing::info!(total_ms = timings_total(received), "replied"),
+            Outcome::Replied { error: None } => tracing::info!(total_ms, "replied"),
             Outcome::Replied { error: Some(code) } => tracing::info!(error_code = %code, "replied with an error"),
             other => tracing::warn!(outcome = ?other, "request not replied to"),
         }
@@ -338,8 +339,4 @@ fn internal(failure: &CpuTaskError) -> RequestError {
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn timings_total(received: Instant) -> f64 {
-    ms(received.elapsed())
 }

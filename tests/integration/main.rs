@@ -10,3 +10,4 @@ mod execution_provider;
 mod model_rewrite;
 mod python_producer;
 mod reliability;
+mod step;

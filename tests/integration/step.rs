@@ -1,0 +1,125 @@
+//! The worker's step function: one delivery in, one outcome out, no consumer loop and no sleeps.
+
+use std::sync::Arc;
+
+use kiln::amqp::{ReplyPublisher, Topology};
+use kiln::configuration::{FaultSettings, RequestLimits};
+use kiln::cpu_pool::CpuPool;
+use kiln::domain::{ErrorCode, WireStyle};
+use kiln::inference::{InferenceEngine, ModelRegistry, Runtime};
+use kiln::worker::{Outcome, Worker};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+
+use crate::helpers::{admin_channel, delete_topology, read, request, test_settings, AMQP_URL};
+
+async fn publish_and_take(channel: &Channel, queue: &str, body: Vec<u8>, reply_to: &str) -> lapin::message::Delivery {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            &body,
+            BasicProperties::default().with_reply_to(reply_to.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    loop {
+        if let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            return message.delivery;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
+    let settings = test_settings();
+    let topology = Topology::new(&settings.amqp.topology);
+    let registry = Arc::new(ModelRegistry::load(&settings.models).unwrap());
+    let runtime = Runtime::init(&settings.inference).unwrap();
+    let engine = InferenceEngine::start(&registry, runtime, 4, false).unwrap();
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    let worker = Worker::new(
+        registry,
+        engine.handle(),
+        Arc::new(CpuPool::new(1, 0).unwrap()),
+        ReplyPublisher::open(&connection, &topology.results).await.unwrap(),
+        "step-worker".into(),
+        RequestLimits::default(),
+        FaultSettings::default(),
+    );
+    let admin = admin_channel().await;
+    let replies = admin
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let replies = replies.name().as_str();
+    let photo = read("tests/data/astronaut-256.png");
+
+    let ok = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(3)))).unwrap();
+    let delivery = publish_and_take(&channel, &topology.requests, ok.clone(), replies).await;
+    assert_eq!(worker.handle(delivery).await, Outcome::Replied { error: None });
+
+    let bad = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(30)))).unwrap();
+    let delivery = publish_and_take(&channel, &topology.requests, bad, replies).await;
+    assert_eq!(
+        worker.handle(delivery).await,
+        Outcome::Replied {
+            error: Some(ErrorCode::UnknownStyle)
+        }
+    );
+
+    let delivery = publish_and_take(&channel, &topology.requests, ok, "no-such-reply-queue").await;
+    assert!(matches!(worker.handle(delivery).await, Outcome::DeadLettered { .. }));
+
+    // Two replies waiting, one dead letter, nothing left unsettled.
+    let count = |q: &str| {
+        let admin = admin.clone();
+        let q = q.to_owned();
+        async move {
+            admin
+                .queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap()
+                .message_count()
+        }
+    };
+    assert_eq!(count(replies).await, 2);
+    // The quorum queue dead-letters asynchronously after the reject.
+    let started = std::time::Instant::now();
+    while count(&topology.dead_letter_queue).await != 1 {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the rejected request never reached the dead-letter queue"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(worker);
+    let _ = connection.close(200, "done".into()).await;
+    engine.join();
+    delete_topology(&topology).await;
+}
