@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln::domain::{ReplyStatus, WireImage, WireStyle};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use serde::Deserialize;
 
-use crate::helpers::{decode_png, read, repo, request, spawn_app, REPLY_TIMEOUT};
+use crate::helpers::{decode_png, exclusive_queue, read, repo, request, spawn_app, REPLY_TIMEOUT};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -132,21 +132,11 @@ async fn strength_zero_gives_back_the_photo() {
 async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id() {
     let app = spawn_app().await;
     let channel = crate::helpers::admin_channel().await;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let queue = exclusive_queue(&channel).await;
     let req = request(&read("tests/data/astronaut-256.png"), None);
     channel
         .queue_bind(
-            queue.name().clone(),
+            queue.as_str().into(),
             app.topology.results.as_str().into(),
             req.request_id.as_str().into(),
             QueueBindOptions::default(),
@@ -156,7 +146,7 @@ async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id()
         .unwrap();
     let mut consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue.as_str().into(),
             "".into(),
             BasicConsumeOptions {
                 no_ack: true,

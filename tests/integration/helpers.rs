@@ -181,6 +181,20 @@ pub async fn admin_channel() -> Channel {
     channel
 }
 
+/// A server-named queue that lives as long as `channel`'s connection; returns its name.
+pub async fn exclusive_queue(channel: &Channel) -> String {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await
+        .unwrap()
+        .name()
+        .to_string()
+}
+
 /// Messages ready in a queue (not counting unacknowledged ones).
 pub async fn ready_messages(queue: &str) -> u32 {
     admin_channel()

@@ -12,7 +12,7 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 
-use crate::helpers::{admin_channel, delete_topology, read, request, test_settings, AMQP_URL};
+use crate::helpers::{admin_channel, delete_topology, exclusive_queue, read, request, test_settings, AMQP_URL};
 
 async fn publish_and_take(channel: &Channel, queue: &str, body: Vec<u8>, reply_to: &str) -> lapin::message::Delivery {
     channel
@@ -59,18 +59,8 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
         FaultSettings::default(),
     );
     let admin = admin_channel().await;
-    let replies = admin
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let replies = replies.name().as_str();
+    let replies = exclusive_queue(&admin).await;
+    let replies = replies.as_str();
     let photo = read("tests/data/astronaut-256.png");
 
     let ok = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(3)))).unwrap();
