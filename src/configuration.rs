@@ -23,6 +23,8 @@ pub struct Settings {
     pub models: ModelSettings,
     /// Per-request limits that do not depend on the model.
     pub limits: RequestLimits,
+    /// Per-user rate limits and quotas by tier (Redis).
+    pub rate_limit: crate::rate_limit::RateLimitSettings,
     /// This worker's identity and shutdown behaviour.
     pub worker: WorkerSettings,
     /// Logs.

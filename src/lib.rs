@@ -24,6 +24,7 @@
 //! - [`inference`]: model manifests and registry, ONNX Runtime and execution providers, the
 //!   inference thread, the pipelines.
 //! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
+//! - [`rate_limit`]: per-user limits by tier in Redis (one Lua round trip), with an outage policy.
 //! - [`worker`]: one delivery from arrival to ack.
 //! - [`cpu_pool`]: the lower-priority threads for image work around inference.
 //! - [`startup`], [`shutdown`], [`telemetry`]: process lifecycle.
@@ -36,6 +37,7 @@ pub mod cpu_pool;
 pub mod domain;
 pub mod imaging;
 pub mod inference;
+pub mod rate_limit;
 pub mod shutdown;
 pub mod startup;
 pub mod submit;

@@ -22,16 +22,14 @@ use crate::amqp::topology::Topology;
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::{ActiveProvider, InferenceEngine, ModelRegistry, Runtime};
-use crate::worker::{Outcome, Worker};
+use crate::rate_limit::Limiter;
+use crate::worker::{Outcome, Services, Worker};
 
 /// A worker process: models loaded, ready to connect.
 pub struct Application {
     settings: Settings,
-    registry: Arc<ModelRegistry>,
     engine: InferenceEngine,
-    cpu: Arc<CpuPool>,
-    topology: Topology,
-    worker_id: Arc<str>,
+    services: Services,
     started: Instant,
 }
 
@@ -56,15 +54,25 @@ impl Application {
             settings.models.warmup,
         )?;
         let cpu = Arc::new(CpuPool::new(settings.worker.cpu_threads, settings.worker.cpu_nice)?);
-        let topology = Topology::new(&settings.amqp.topology);
-        let worker_id: Arc<str> = settings.worker.resolved_id().into();
+        settings.rate_limit.validate().context("invalid rate_limit settings")?;
+        let limiter = match settings.rate_limit.enabled {
+            true => Some(Arc::new(Limiter::new(settings.rate_limit.clone())?)),
+            false => None,
+        };
+        let services = Services {
+            registry,
+            inference: engine.handle(),
+            cpu,
+            limiter,
+            topology: Arc::new(Topology::new(&settings.amqp.topology)),
+            worker_id: settings.worker.resolved_id().into(),
+            limits: settings.limits.clone(),
+            faults: settings.faults.clone(),
+        };
         Ok(Self {
             settings,
-            registry,
             engine,
-            cpu,
-            topology,
-            worker_id,
+            services,
             started,
         })
     }
@@ -76,7 +84,7 @@ impl Application {
 
     /// This worker's id, as it appears in replies.
     pub fn worker_id(&self) -> &str {
-        &self.worker_id
+        &self.services.worker_id
     }
 
     /// Serve until `shutdown` resolves; then stop consuming, finish what is in flight (within the
@@ -84,7 +92,7 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         let amqp = &self.settings.amqp;
-        let connection_name = format!("kiln worker {}", self.worker_id);
+        let connection_name = format!("kiln worker {}", self.services.worker_id);
         loop {
             let connection = tokio::select! {
                 c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name) => c?,
@@ -100,7 +108,10 @@ impl Application {
                 }
             }
         }
-        self.engine.join();
+        // The inference thread ends once every handle to it is gone, ours included.
+        let Self { engine, services, .. } = self;
+        drop(services);
+        engine.join();
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -115,15 +126,15 @@ impl Application {
         // configuration error, not a transient one: fail instead of retrying forever.
         let setup = async {
             let channel = connection.create_channel().await?;
-            self.topology.declare(&channel).await?;
+            self.services.topology.declare(&channel).await?;
             channel
                 .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
                 .await?;
-            let publisher = ReplyPublisher::open(connection, &self.topology.results).await?;
+            let publisher = ReplyPublisher::open(connection, &self.services.topology.results).await?;
             let consumer = channel
                 .basic_consume(
-                    self.topology.requests.as_str().into(),
-                    format!("kiln-{}", self.worker_id).into(),
+                    self.services.topology.requests.as_str().into(),
+                    format!("kiln-{}", self.services.worker_id).into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
@@ -137,20 +148,12 @@ impl Application {
             )
         })?;
 
-        let worker = Worker::new(
-            Arc::clone(&self.registry),
-            self.engine.handle(),
-            Arc::clone(&self.cpu),
-            publisher,
-            Arc::clone(&self.worker_id),
-            self.settings.limits.clone(),
-            self.settings.faults.clone(),
-        );
+        let worker = Worker::new(self.services.clone(), publisher);
         tracing::info!(
-            worker_id = %self.worker_id,
-            queue = %self.topology.requests,
+            worker_id = %self.services.worker_id,
+            queue = %self.services.topology.requests,
             provider = self.provider().name(),
-            models = ?self.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            models = ?self.services.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             prefetch = self.settings.amqp.prefetch,
             startup_seconds = self.started.elapsed().as_secs_f64(),
             "worker ready"

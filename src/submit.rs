@@ -155,15 +155,21 @@ impl Producer {
         self.reply_to(&request.request_id, timeout).await
     }
 
-    /// Wait for the reply with this correlation id, skipping others.
+    /// Wait for the final reply with this correlation id, skipping replies to other requests and
+    /// `deferred` notices (logged).
     pub async fn reply_to(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Reply> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let reply = self.next_reply(left).await?;
-            if reply.correlation_id.as_deref() == Some(correlation_id) {
-                return Ok(reply);
+            if reply.correlation_id.as_deref() != Some(correlation_id) {
+                continue;
             }
+            if let Some(deferral) = reply.document.deferred.as_ref().filter(|_| !reply.document.is_final()) {
+                tracing::info!(reason = %deferral.reason, retry_after_ms = deferral.retry_after_ms, "request deferred; waiting");
+                continue;
+            }
+            return Ok(reply);
         }
     }
 

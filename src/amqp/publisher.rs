@@ -4,7 +4,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
-use crate::domain::ReplyDocument;
+use lapin::message::Delivery;
+
+use crate::domain::{ReplyDocument, ReplyStatus};
 
 /// Where a reply goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,42 +68,77 @@ impl ReplyPublisher {
 
     /// Publish a reply (persistent, mandatory) and wait for the broker's confirm.
     pub async fn publish(&self, reply: OutgoingReply) -> lapin::Result<PublishOutcome> {
-        let document = serde_json::to_string(&reply.document).expect("a reply document always serialises");
+        let doc = &reply.document;
         let mut headers = FieldTable::default();
-        headers.insert(REPLY_HEADER.into(), AMQPValue::LongString(LongString::from(document)));
-        headers.insert(
-            STATUS_HEADER.into(),
-            AMQPValue::LongString(LongString::from(reply.document.status.as_str())),
-        );
-        let content_type = match reply.document.status {
-            crate::domain::ReplyStatus::Ok => "image/png",
-            crate::domain::ReplyStatus::Error => "application/json",
+        let json = serde_json::to_string(doc).expect("a reply document always serialises");
+        headers.insert(REPLY_HEADER.into(), long_string(json));
+        headers.insert(STATUS_HEADER.into(), long_string(doc.status.as_str()));
+        if let Some(limit) = &doc.rate_limit {
+            // The HTTP conventions, in seconds (rounded up), for producers that know them.
+            headers.insert("x-ratelimit-limit".into(), AMQPValue::LongLongInt(limit.limit as i64));
+            headers.insert(
+                "x-ratelimit-remaining".into(),
+                AMQPValue::LongLongInt(limit.remaining as i64),
+            );
+            headers.insert(
+                "x-ratelimit-reset".into(),
+                AMQPValue::LongLongInt(limit.reset_ms.div_ceil(1000) as i64),
+            );
+            if limit.retry_after_ms > 0 {
+                headers.insert(
+                    "retry-after".into(),
+                    AMQPValue::LongLongInt(limit.retry_after_ms.div_ceil(1000) as i64),
+                );
+            }
+        }
+        let content_type = match doc.status {
+            ReplyStatus::Ok => "image/png",
+            ReplyStatus::Error | ReplyStatus::Deferred => "application/json",
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let properties = BasicProperties::default()
             .with_content_type(content_type.into())
             .with_delivery_mode(2)
             .with_correlation_id(reply.correlation_id.as_str().into())
             .with_message_id(uuid::Uuid::new_v4().to_string().into())
             .with_type(REPLY_TYPE.into())
-            .with_timestamp(now)
+            .with_timestamp(unix_seconds())
             .with_headers(headers);
         let (exchange, routing_key) = match &reply.route {
             ReplyRoute::ReplyTo(queue) => ("", queue.as_str()),
             ReplyRoute::Results(key) => (self.results_exchange.as_str(), key.as_str()),
+        };
+        self.confirmed_publish(exchange, routing_key, &reply.body, properties)
+            .await
+    }
+
+    /// Put a copy of a request in a delay queue (body and properties unchanged, the deferral count
+    /// in the `x-kiln-deferrals` header), confirmed. The original may be acked once this returns
+    /// [`PublishOutcome::Confirmed`].
+    pub async fn defer(&self, request: &Delivery, delay_queue: &str, count: u32) -> lapin::Result<PublishOutcome> {
+        let mut headers = request.properties.headers().clone().unwrap_or_default();
+        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(count));
+        let properties = request.properties.clone().with_headers(headers).with_delivery_mode(2);
+        self.confirmed_publish("", delay_queue, &request.data, properties).await
+    }
+
+    async fn confirmed_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<PublishOutcome> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
         };
         let confirmation = self
             .channel
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &reply.body,
+                options,
+                body,
                 properties,
             )
             .await?
@@ -112,4 +149,28 @@ impl ReplyPublisher {
             Confirmation::Nack(_) => PublishOutcome::Nacked,
         })
     }
+}
+
+/// How many times a request was deferred (a header on the request).
+pub const DEFERRALS_HEADER: &str = "x-kiln-deferrals";
+
+/// The deferral count a request carries (0 if never deferred).
+pub fn deferrals(request: &Delivery) -> u32 {
+    let headers = request.properties.headers().as_ref();
+    match headers.and_then(|h| h.inner().get(DEFERRALS_HEADER)) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongLongInt(n)) => (*n).clamp(0, i64::from(u32::MAX)) as u32,
+        _ => 0,
+    }
+}
+
+fn long_string(s: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.into()))
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -7,7 +7,12 @@
 //!                      <prefix>.dlx (fanout) ──► <prefix>.dead-letter
 //!  worker ──► <prefix>.results (topic, key = request_id) ──► producers' queues
 //!  worker ──► "" ──► reply_to (RPC replies)
+//!  worker ──► <prefix>.delay.<ms> (message TTL) ──expired──► "" ──► <prefix>.requests
 //! ```
+//!
+//! Deferred requests wait in one of the delay queues, each with a fixed TTL (1 s, 2 s, 4 s, … 4096 s),
+//! so every queue expires its messages in order; a request waits in the shortest one that covers
+//! its delay, and a longer wait (a daily quota) takes several trips.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -28,7 +33,14 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Deliveries before the broker dead-letters a request.
     pub delivery_limit: u32,
+    /// Delay queues, by their TTL in milliseconds (ascending).
+    pub delay_queues: Vec<(u64, String)>,
 }
+
+/// TTLs of the delay queues: 1 s doubling up to 4096 s (68 min).
+const DELAY_BUCKETS_MS: [u64; 13] = [
+    1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000, 2_048_000, 4_096_000,
+];
 
 impl Topology {
     /// Names derived from the configured prefix.
@@ -40,7 +52,22 @@ impl Topology {
             dead_letter_exchange: format!("{p}.dlx"),
             dead_letter_queue: format!("{p}.dead-letter"),
             delivery_limit: settings.delivery_limit,
+            delay_queues: DELAY_BUCKETS_MS
+                .iter()
+                .map(|ms| (*ms, format!("{p}.delay.{ms}")))
+                .collect(),
         }
+    }
+
+    /// The delay queue for a wait of `delay_ms`: the shortest that covers it (or the longest), and
+    /// its TTL.
+    pub fn delay_queue_for(&self, delay_ms: u64) -> (&str, u64) {
+        let (ms, name) = self
+            .delay_queues
+            .iter()
+            .find(|(ms, _)| *ms >= delay_ms)
+            .unwrap_or_else(|| self.delay_queues.last().expect("there are delay queues"));
+        (name, *ms)
     }
 
     /// The request queue's arguments. Producers that declare the queue themselves must use the
@@ -111,5 +138,19 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_goes_to_the_shortest_queue_that_covers_it() {
+        let t = Topology::new(&TopologySettings::default());
+        assert_eq!(t.delay_queue_for(0), ("kiln.delay.1000", 1_000));
+        assert_eq!(t.delay_queue_for(1_500), ("kiln.delay.2000", 2_000));
+        assert_eq!(t.delay_queue_for(2_000), ("kiln.delay.2000", 2_000));
+        assert_eq!(t.delay_queue_for(86_400_000), ("kiln.delay.4096000", 4_096_000));
     }
 }

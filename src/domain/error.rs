@@ -31,6 +31,8 @@ pub enum ErrorCode {
     ImageTooSmall,
     /// The deadline passed before rendering started.
     Expired,
+    /// Over one of the user's limits (the reply's `rate_limit` says which, and until when).
+    RateLimited,
     /// The model run failed for this input.
     InferenceFailed,
     /// A fault in the worker itself.
@@ -52,6 +54,7 @@ impl ErrorCode {
             Self::ImageTooLarge => "image_too_large",
             Self::ImageTooSmall => "image_too_small",
             Self::Expired => "expired",
+            Self::RateLimited => "rate_limited",
             Self::InferenceFailed => "inference_failed",
             Self::Internal => "internal",
         }
@@ -102,6 +105,7 @@ mod tests {
             ErrorCode::ImageTooLarge,
             ErrorCode::ImageTooSmall,
             ErrorCode::Expired,
+            ErrorCode::RateLimited,
             ErrorCode::InferenceFailed,
             ErrorCode::Internal,
         ];

@@ -2,11 +2,13 @@
 
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod reply;
 pub mod request;
 
 pub use error::{ErrorCode, RequestError};
 pub use ids::{RequestId, UserId};
+pub use limits::{Deferral, LimitInfo, Scope};
 pub use reply::{ImageInfo, ReplyDocument, ReplyStatus, Timings};
 pub use request::{
     GenerationRequest, Params, PartialRequest, RequestDocument, StyleChoice, WireImage, WireParams, WireStyle,

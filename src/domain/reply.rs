@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, RequestError};
+use super::limits::{Deferral, LimitInfo};
 use super::request::CONTRACT_VERSION;
 
 /// `ok` or `error`.
@@ -13,6 +14,8 @@ pub enum ReplyStatus {
     Ok,
     /// `error` says why there is no image.
     Error,
+    /// Not final: the request waits in a delay queue (`deferred` says how long); its reply follows.
+    Deferred,
 }
 
 impl ReplyStatus {
@@ -21,6 +24,7 @@ impl ReplyStatus {
         match self {
             Self::Ok => "ok",
             Self::Error => "error",
+            Self::Deferred => "deferred",
         }
     }
 }
@@ -44,6 +48,12 @@ pub struct ReplyDocument {
     pub timings_ms: Timings,
     /// The worker that answered.
     pub worker_id: String,
+    /// The user's rate limit as of this request (absent when limits are off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<LimitInfo>,
+    /// For a `deferred` notice: when the request comes back, and why it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Deferral>,
 }
 
 /// The PNG in the body of a successful reply.
@@ -104,6 +114,8 @@ impl ReplyDocument {
             error: None,
             timings_ms: timings,
             worker_id,
+            rate_limit: None,
+            deferred: None,
         }
     }
 
@@ -124,6 +136,35 @@ impl ReplyDocument {
             error: Some(error.into()),
             timings_ms: timings,
             worker_id,
+            rate_limit: None,
+            deferred: None,
         }
+    }
+
+    /// A notice that the request was deferred (not final: its reply follows).
+    pub fn deferred(
+        request_id: String,
+        model: String,
+        deferral: Deferral,
+        rate_limit: Option<LimitInfo>,
+        worker_id: String,
+    ) -> Self {
+        Self {
+            version: CONTRACT_VERSION,
+            request_id: Some(request_id),
+            status: ReplyStatus::Deferred,
+            model: Some(model),
+            image: None,
+            error: None,
+            timings_ms: Timings::default(),
+            worker_id,
+            rate_limit,
+            deferred: Some(deferral),
+        }
+    }
+
+    /// Whether this is the request's final answer (not a `deferred` notice).
+    pub fn is_final(&self) -> bool {
+        self.status != ReplyStatus::Deferred
     }
 }

@@ -19,9 +19,13 @@ pub struct DecodeLimits {
     pub min_side: u32,
 }
 
-/// Decode a JPEG, PNG or WebP into 8-bit RGB, applying its EXIF orientation and compositing any
-/// transparency onto white. `what` names the image in error messages (`image`, `params.style_image`).
-pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits, what: &str) -> Result<RgbImage, RequestError> {
+/// The dimensions of an image, from its header alone, checked against `limits`.
+pub fn probe_dimensions(bytes: &[u8], limits: &DecodeLimits, what: &str) -> Result<(u32, u32), RequestError> {
+    open(bytes, limits, what).map(|d| d.dimensions())
+}
+
+/// A decoder for a JPEG, PNG or WebP whose header passed the limits; no pixel allocated yet.
+fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits, what: &str) -> Result<impl ImageDecoder + 'a, RequestError> {
     if bytes.len() > limits.max_bytes {
         return Err(RequestError::new(
             ErrorCode::ImageTooLarge,
@@ -37,12 +41,18 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits, what: &str) -> Result<Rgb
         Some(other) => return Err(invalid(&format!("{other:?} is not supported; send JPEG, PNG or WebP"))),
         None => return Err(invalid(&"not a JPEG, PNG or WebP file")),
     }
-
     // The header alone gives the dimensions: refuse before the decoder allocates anything.
-    let mut decoder = reader.into_decoder().map_err(|e| invalid(&e))?;
+    let decoder = reader.into_decoder().map_err(|e| invalid(&e))?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits, what)?;
+    Ok(decoder)
+}
 
+/// Decode a JPEG, PNG or WebP into 8-bit RGB, applying its EXIF orientation and compositing any
+/// transparency onto white. `what` names the image in error messages (`image`, `params.style_image`).
+pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits, what: &str) -> Result<RgbImage, RequestError> {
+    let invalid = |e: &dyn std::fmt::Display| RequestError::new(ErrorCode::InvalidImage, format!("{what}: {e}"));
+    let mut decoder = open(bytes, limits, what)?;
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(limits.max_side);
     decode_limits.max_image_height = Some(limits.max_side);

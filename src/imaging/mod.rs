@@ -6,7 +6,7 @@ pub mod png;
 pub mod resize;
 pub mod tensor;
 
-pub use decode::{decode_rgb, DecodeLimits};
+pub use decode::{decode_rgb, probe_dimensions, DecodeLimits};
 pub use png::encode_png;
 pub use resize::{centre_square, fit_long_side, resize_rgb};
 pub use tensor::{Layout, ValueRange};

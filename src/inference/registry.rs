@@ -55,6 +55,16 @@ impl ModelRegistry {
         self.models.values()
     }
 
+    /// How many pixels the request's output will have, from the image header alone (no decoding):
+    /// what its cost is computed from.
+    pub fn output_pixels(&self, request: &GenerationRequest) -> Result<u64, RequestError> {
+        let manifest = self.get(&request.model)?;
+        let limits = &manifest.limits;
+        let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
+        let (w, h) = super::output_size(limits, request.params.size, dims)?;
+        Ok(u64::from(w) * u64::from(h))
+    }
+
     /// Decode and check a request's inputs against its model, and lay them out for the network.
     /// CPU-bound: call from a blocking thread.
     pub fn prepare(&self, request: &GenerationRequest) -> Result<Prepared, RequestError> {

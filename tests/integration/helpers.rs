@@ -48,6 +48,10 @@ pub fn test_settings() -> Settings {
     s.models.dir = repo().join("models");
     s.worker.id = Some("test-worker".into());
     s.worker.shutdown_grace_ms = 30_000;
+    // Tests about limits turn them on with a key prefix of their own; the others must not be
+    // throttled by each other.
+    s.rate_limit.enabled = false;
+    s.rate_limit.key_prefix = s.amqp.topology.prefix.clone();
     s
 }
 
@@ -208,7 +212,11 @@ pub async fn ready_messages(queue: &str) -> u32 {
 /// Delete everything a worker with this topology declared.
 pub async fn delete_topology(topology: &Topology) {
     let channel = admin_channel().await;
-    for queue in [&topology.requests, &topology.dead_letter_queue] {
+    let delay_queues = topology.delay_queues.iter().map(|(_, name)| name);
+    for queue in [&topology.requests, &topology.dead_letter_queue]
+        .into_iter()
+        .chain(delay_queues)
+    {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -266,6 +274,8 @@ impl WorkerProcess {
             )
             .env("KILN_AMQP__PREFETCH", settings.amqp.prefetch.to_string())
             .env("KILN_MODELS__ENABLED", "multistyle26")
+            .env("KILN_RATE_LIMIT__ENABLED", settings.rate_limit.enabled.to_string())
+            .env("KILN_RATE_LIMIT__KEY_PREFIX", &settings.rate_limit.key_prefix)
             .env("KILN_TELEMETRY__FORMAT", "json")
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())

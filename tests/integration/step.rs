@@ -7,7 +7,7 @@ use kiln::configuration::{FaultSettings, RequestLimits};
 use kiln::cpu_pool::CpuPool;
 use kiln::domain::{ErrorCode, WireStyle};
 use kiln::inference::{InferenceEngine, ModelRegistry, Runtime};
-use kiln::worker::{Outcome, Worker};
+use kiln::worker::{Outcome, Services, Worker};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -49,14 +49,19 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     let connection = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology.declare(&channel).await.unwrap();
-    let worker = Worker::new(
+    let services = Services {
         registry,
-        engine.handle(),
-        Arc::new(CpuPool::new(1, 0).unwrap()),
+        inference: engine.handle(),
+        cpu: Arc::new(CpuPool::new(1, 0).unwrap()),
+        limiter: None,
+        topology: Arc::new(topology.clone()),
+        worker_id: "step-worker".into(),
+        limits: RequestLimits::default(),
+        faults: FaultSettings::default(),
+    };
+    let worker = Worker::new(
+        services,
         ReplyPublisher::open(&connection, &topology.results).await.unwrap(),
-        "step-worker".into(),
-        RequestLimits::default(),
-        FaultSettings::default(),
     );
     let admin = admin_channel().await;
     let replies = exclusive_queue(&admin).await;

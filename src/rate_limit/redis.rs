@@ -1,0 +1,228 @@
+//! The fleet-wide limiter: one Lua script, one round trip, per decision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use secrecy::ExposeSecret;
+
+use super::settings::RateLimitSettings;
+use super::{Scope, Verdict};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The Redis keys of one user. They share the hash tag `{<user>}`, so one decision touches one
+/// Redis Cluster slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserKeys {
+    /// The tier record (billing writes it).
+    pub tier: String,
+    /// GCRA state.
+    pub gcra: String,
+    /// Units spent on the UTC day of `now`.
+    pub quota: String,
+    /// In-flight leases.
+    pub leases: String,
+}
+
+impl UserKeys {
+    /// Keys for `user` at `now_ms`.
+    pub fn new(prefix: &str, user: &str, now_ms: i64) -> Self {
+        let base = format!("{prefix}:{{{user}}}");
+        Self {
+            tier: format!("{base}:tier"),
+            gcra: format!("{base}:gcra"),
+            quota: format!("{base}:quota:{}", now_ms.div_euclid(DAY_MS)),
+            leases: format!("{base}:leases"),
+        }
+    }
+}
+
+/// Milliseconds from `now_ms` to the end of its UTC day.
+pub fn ms_to_day_end(now_ms: i64) -> i64 {
+    (now_ms.div_euclid(DAY_MS) + 1) * DAY_MS - now_ms
+}
+
+/// The limiter's view of one user, for `kiln limits show`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserState {
+    /// The user.
+    pub user: String,
+    /// The tier record, if billing wrote one.
+    pub tier_record: Option<String>,
+    /// The tier in force (the record's, or the default).
+    pub tier: String,
+    /// Units that could be spent right now at the sustained rate with burst.
+    pub rate_remaining: u64,
+    /// Milliseconds until the burst is full again.
+    pub rate_reset_ms: u64,
+    /// Units spent today (UTC) and the quota.
+    pub quota_used: u64,
+    /// Today's quota.
+    pub quota: u64,
+    /// Leases held now.
+    pub in_flight: u64,
+    /// The tier's maximum.
+    pub max_in_flight: u64,
+}
+
+/// Decisions and administration against Redis.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    connection: ConnectionManager,
+    script: Arc<redis::Script>,
+    settings: Arc<RateLimitSettings>,
+    /// The tiers as the script's trailing arguments, built once.
+    tier_args: Arc<Vec<String>>,
+}
+
+impl RedisLimiter {
+    /// A limiter that connects lazily and reconnects by itself; it never fails for an absent Redis.
+    pub fn new(settings: Arc<RateLimitSettings>) -> anyhow::Result<Self> {
+        let client = redis::Client::open(settings.redis_url.expose_secret())?;
+        let timeout = Duration::from_millis(settings.redis_timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        let mut tier_args = Vec::new();
+        for (name, tier) in &settings.tiers {
+            tier_args.extend([
+                name.clone(),
+                format!("{}", tier.interval_ms()),
+                tier.burst.to_string(),
+                tier.daily_quota.to_string(),
+                tier.max_in_flight.to_string(),
+            ]);
+        }
+        Ok(Self {
+            connection,
+            script: Arc::new(redis::Script::new(include_str!("decide.lua"))),
+            settings,
+            tier_args: Arc::new(tier_args),
+        })
+    }
+
+    /// Decide for `user` asking for `cost` units at `now_ms`, holding lease `lease_id` if admitted.
+    /// EVALSHA, with EVAL and SCRIPT LOAD on NOSCRIPT (a restarted or new Redis).
+    pub async fn decide(&self, user: &str, cost: u64, lease_id: &str, now_ms: i64) -> redis::RedisResult<Verdict> {
+        let keys = UserKeys::new(&self.settings.key_prefix, user, now_ms);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(&keys.tier)
+            .key(&keys.gcra)
+            .key(&keys.quota)
+            .key(&keys.leases)
+            .arg(now_ms)
+            .arg(cost)
+            .arg(lease_id)
+            .arg(self.settings.lease_ttl_ms)
+            .arg(ms_to_day_end(now_ms))
+            .arg(&self.settings.default_tier);
+        for a in self.tier_args.iter() {
+            invocation.arg(a);
+        }
+        let mut connection = self.connection.clone();
+        let (verdict, scope, tier, limit, remaining, reset_ms, retry_after_ms, unknown): (
+            i64,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            String,
+        ) = invocation.invoke_async(&mut connection).await?;
+        Ok(Verdict {
+            admitted: verdict > 0,
+            readmitted: verdict == 2,
+            scope: match scope.as_str() {
+                "in_flight" => Scope::InFlight,
+                "daily_quota" => Scope::DailyQuota,
+                _ => Scope::Rate,
+            },
+            tier,
+            limit: limit.max(0) as u64,
+            remaining: remaining.max(0) as u64,
+            reset_ms: reset_ms.max(0) as u64,
+            retry_after_ms: retry_after_ms.max(0) as u64,
+            unknown_tier_record: (!unknown.is_empty()).then_some(unknown),
+        })
+    }
+
+    /// Give a lease back (the request is done).
+    pub async fn release(&self, user: &str, lease_id: &str) -> redis::RedisResult<()> {
+        let keys = UserKeys::new(&self.settings.key_prefix, user, 0);
+        self.connection.clone().zrem(&keys.leases, lease_id).await
+    }
+
+    /// Set a user's tier (what billing does), with the configured record lifetime.
+    pub async fn set_tier(&self, user: &str, tier: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.settings.tiers.contains_key(tier),
+            "{tier:?} is not a tier; tiers: {}",
+            self.settings.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        let keys = UserKeys::new(&self.settings.key_prefix, user, 0);
+        let () = self
+            .connection
+            .clone()
+            .set_ex(&keys.tier, tier, self.settings.tier_record_ttl_secs)
+            .await?;
+        Ok(())
+    }
+
+    /// Forget a user's usage (rate, today's quota, leases); the tier record stays.
+    pub async fn reset(&self, user: &str, now_ms: i64) -> redis::RedisResult<()> {
+        let keys = UserKeys::new(&self.settings.key_prefix, user, now_ms);
+        self.connection
+            .clone()
+            .del(&[&keys.gcra, &keys.quota, &keys.leases])
+            .await
+    }
+
+    /// What the limiter knows of a user, without changing anything.
+    pub async fn show(&self, user: &str, now_ms: i64) -> redis::RedisResult<UserState> {
+        let keys = UserKeys::new(&self.settings.key_prefix, user, now_ms);
+        let mut c = self.connection.clone();
+        let (record, tat, used, in_flight): (Option<String>, Option<f64>, Option<u64>, u64) = redis::pipe()
+            .get(&keys.tier)
+            .get(&keys.gcra)
+            .get(&keys.quota)
+            .zcount(&keys.leases, format!("({now_ms}"), "+inf")
+            .query_async(&mut c)
+            .await?;
+        let (tier, t) = self.settings.tier_or_default(record.as_deref());
+        let busy = tat.map_or(0.0, |tat| (tat - now_ms as f64).max(0.0));
+        let capacity = f64::from(t.burst) * t.interval_ms();
+        Ok(UserState {
+            user: user.to_owned(),
+            tier_record: record.clone(),
+            tier: tier.to_owned(),
+            rate_remaining: ((capacity - busy) / t.interval_ms() + 1e-9).floor().max(0.0) as u64,
+            rate_reset_ms: busy.ceil() as u64,
+            quota_used: used.unwrap_or(0),
+            quota: t.daily_quota,
+            in_flight,
+            max_in_flight: u64::from(t.max_in_flight),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag_and_roll_over_daily() {
+        let k = UserKeys::new("kiln", "user-42", 1_795_823_940_000);
+        assert_eq!(k.tier, "kiln:{user-42}:tier");
+        assert_eq!(k.quota, "kiln:{user-42}:quota:20784");
+        let next_day = UserKeys::new("kiln", "user-42", 1_795_823_940_000 + DAY_MS);
+        assert_ne!(k.quota, next_day.quota);
+        assert_eq!(ms_to_day_end(0), DAY_MS);
+        assert_eq!(ms_to_day_end(DAY_MS - 1), 1);
+    }
+}
