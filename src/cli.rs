@@ -1,4 +1,4 @@
-//! Command-line interface: `kiln worker`, `kiln submit`, `kiln models`.
+//! Command-line interface: `kiln worker`, `kiln submit`, `kiln models`, `kiln limits`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +10,7 @@ use crate::amqp::Topology;
 use crate::configuration::Settings;
 use crate::domain::{ReplyStatus, RequestDocument, WireImage, WireParams, CONTRACT_VERSION};
 use crate::inference::ModelRegistry;
+use crate::rate_limit::RedisLimiter;
 use crate::startup::Application;
 use crate::submit::{parse_style, Producer};
 
@@ -34,6 +35,31 @@ pub enum Command {
     Submit(SubmitArgs),
     /// List the models this configuration serves.
     Models,
+    /// Inspect and change a user's rate-limit state in Redis.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+}
+
+/// `kiln limits` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LimitsCommand {
+    /// Print a user's tier, rate, quota and in-flight state as JSON.
+    Show {
+        /// The user id.
+        user: String,
+    },
+    /// Set a user's tier (what billing does).
+    SetTier {
+        /// The user id.
+        user: String,
+        /// A configured tier.
+        tier: String,
+    },
+    /// Forget a user's usage: rate, today's quota, in-flight leases (the tier stays).
+    Reset {
+        /// The user id.
+        user: String,
+    },
 }
 
 /// `kiln submit` arguments.
@@ -78,6 +104,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             app.run_until_stopped(crate::shutdown::shutdown_signal()).await
         }
         Command::Submit(args) => submit(args, &settings).await,
+        Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {
             for m in ModelRegistry::load(&settings.models)?.iter() {
                 println!(
@@ -142,5 +169,23 @@ async fn submit(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         t.total
     );
     println!("{}", out.display());
+    Ok(())
+}
+
+async fn limits(command: LimitsCommand, settings: &Settings) -> anyhow::Result<()> {
+    settings.rate_limit.validate()?;
+    let redis = RedisLimiter::new(std::sync::Arc::new(settings.rate_limit.clone()))?;
+    let user = match &command {
+        LimitsCommand::Show { user } | LimitsCommand::SetTier { user, .. } | LimitsCommand::Reset { user } => user,
+    };
+    crate::domain::UserId::parse(user)?;
+    let now = crate::rate_limit::now_ms();
+    match &command {
+        LimitsCommand::Show { .. } => {}
+        LimitsCommand::SetTier { tier, .. } => redis.set_tier(user, tier).await?,
+        LimitsCommand::Reset { .. } => redis.reset(user, now).await?,
+    }
+    let state = redis.show(user, now).await?;
+    println!("{}", serde_json::to_string_pretty(&state)?);
     Ok(())
 }

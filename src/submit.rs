@@ -26,6 +26,8 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// The reply's correlation id.
     pub correlation_id: Option<String>,
+    /// All of the reply's headers (`kiln-reply`, `kiln-status`, `x-ratelimit-*`, `retry-after`).
+    pub headers: FieldTable,
 }
 
 /// Sends requests and receives their replies on a private queue.
@@ -132,11 +134,11 @@ impl Producer {
             .await
             .map_err(|_| anyhow::anyhow!("no reply within {timeout:?}"))?
             .context("the reply consumer ended")??;
-        let header = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(REPLY_HEADER).cloned())
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = headers
+            .inner()
+            .get(REPLY_HEADER)
+            .cloned()
             .context("a reply without the kiln-reply header")?;
         let AMQPValue::LongString(json) = header else {
             bail!("the kiln-reply header is not a string");
@@ -146,6 +148,7 @@ impl Producer {
                 .context("the kiln-reply header is not a reply document")?,
             body: delivery.data,
             correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
+            headers,
         })
     }
 

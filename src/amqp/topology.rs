@@ -137,6 +137,19 @@ impl Topology {
                 self.request_queue_arguments(),
             )
             .await?;
+        for (ms, name) in &self.delay_queues {
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(LongString::from(self.requests.as_str())),
+            );
+            channel.queue_declare(name.as_str().into(), durable_queue, args).await?;
+        }
         Ok(())
     }
 }

@@ -1,10 +1,10 @@
 -- kiln: one rate-limit decision for one user, atomically, in one round trip.
 --
 -- KEYS (all share the user's hash tag, so they live in one Redis Cluster slot):
---   1  <prefix>:{<user>}:tier          the user's tier name, written by billing (string)
---   2  <prefix>:{<user>}:gcra          GCRA theoretical arrival time, ms (string)
---   3  <prefix>:{<user>}:quota:<day>   units spent on this UTC day (integer)
---   4  <prefix>:{<user>}:leases        in-flight leases: member = lease id, score = expiry ms (zset)
+--   1  <prefix>:{u:<user>}:tier          the user's tier name, written by billing (string)
+--   2  <prefix>:{u:<user>}:gcra          GCRA theoretical arrival time, ms (string)
+--   3  <prefix>:{u:<user>}:quota:<day>   units spent on this UTC day (integer)
+--   4  <prefix>:{u:<user>}:leases        in-flight leases: member = lease id, score = expiry ms (zset)
 -- ARGV:
 --   1 now (ms, the caller's clock)   2 cost (units)   3 lease id   4 lease ttl (ms)
 --   5 ms until the UTC day ends      6 default tier

@@ -29,7 +29,8 @@ pub struct UserKeys {
 impl UserKeys {
     /// Keys for `user` at `now_ms`.
     pub fn new(prefix: &str, user: &str, now_ms: i64) -> Self {
-        let base = format!("{prefix}:{{{user}}}");
+        // "u:" keeps the hash tag non-empty even for an id that starts with "}".
+        let base = format!("{prefix}:{{u:{user}}}");
         Self {
             tier: format!("{base}:tier"),
             gcra: format!("{base}:gcra"),
@@ -218,8 +219,8 @@ mod tests {
     #[test]
     fn keys_share_one_hash_tag_and_roll_over_daily() {
         let k = UserKeys::new("kiln", "user-42", 1_795_823_940_000);
-        assert_eq!(k.tier, "kiln:{user-42}:tier");
-        assert_eq!(k.quota, "kiln:{user-42}:quota:20784");
+        assert_eq!(k.tier, "kiln:{u:user-42}:tier");
+        assert_eq!(k.quota, "kiln:{u:user-42}:quota:20784");
         let next_day = UserKeys::new("kiln", "user-42", 1_795_823_940_000 + DAY_MS);
         assert_ne!(k.quota, next_day.quota);
         assert_eq!(ms_to_day_end(0), DAY_MS);

@@ -87,7 +87,7 @@ pub struct RateLimitSettings {
     pub enabled: bool,
     /// Redis URL; may carry a password, never logged. Default `redis://127.0.0.1:6379/`.
     pub redis_url: SecretString,
-    /// Prefix of every key (`<prefix>:{<user>}:…`). Default `kiln`. No `{` or `}`.
+    /// Prefix of every key (`<prefix>:{u:<user>}:…`). Default `kiln`. No `{` or `}`.
     pub key_prefix: String,
     /// Tier of users without a tier record. Must name a tier. Default `free`.
     pub default_tier: String,

@@ -370,23 +370,23 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
-/// A TCP proxy from a local port to RabbitMQ, whose connections can be cut: a broker that goes
-/// away and comes back, as a network partition or a broker restart looks to the worker.
-pub struct BrokerProxy {
+/// A TCP proxy from a local port to a local service, whose connections can be cut: a broker or a
+/// Redis that goes away and comes back, as a network partition or a restart looks to the worker.
+pub struct TcpProxy {
     accept: tokio::task::JoinHandle<()>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
-impl BrokerProxy {
-    /// Listen on `port` and forward every connection to 127.0.0.1:5672.
-    pub async fn start(port: u16) -> Self {
+impl TcpProxy {
+    /// Listen on `port` and forward every connection to 127.0.0.1:`target`.
+    pub async fn start(port: u16, target: u16) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let registry = Arc::clone(&connections);
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let forward = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
@@ -404,7 +404,7 @@ impl BrokerProxy {
     }
 }
 
-impl Drop for BrokerProxy {
+impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.sever();
         self.accept.abort();

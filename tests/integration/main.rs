@@ -9,5 +9,6 @@ mod end_to_end;
 mod execution_provider;
 mod model_rewrite;
 mod python_producer;
+mod rate_limits;
 mod reliability;
 mod step;

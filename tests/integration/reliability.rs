@@ -8,7 +8,7 @@ use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 
 use crate::helpers::{
-    admin_channel, delete_topology, free_port, read, ready_messages, request, test_settings, BrokerProxy, TestApp,
+    admin_channel, delete_topology, free_port, read, ready_messages, request, test_settings, TcpProxy, TestApp,
     WorkerProcess, REPLY_TIMEOUT,
 };
 
@@ -222,7 +222,7 @@ async fn the_worker_retries_an_unreachable_broker_and_reconnects_after_losing_it
     );
 
     // The broker "comes back": a proxy on that port to the real RabbitMQ.
-    let proxy = BrokerProxy::start(port).await;
+    let proxy = TcpProxy::start(port, 5672).await;
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
     let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
         .await
