@@ -19,7 +19,10 @@ What it checks (it reports every failure, then exits 1 if there was any):
    pointers inside them.
 5. Every message example in `asyncapi.yaml` is valid against its message's `payload` and
    `headers` schemas, and a `kiln-reply` header holds a valid reply document whose `status`
-   matches the `kiln-status` header. (The AsyncAPI parser does not check examples.)
+   matches the `kiln-status` header, whose `rate_limit` matches the `x-ratelimit-*` and
+   `retry-after` headers (present exactly when it is; seconds rounded up; `retry-after` only
+   when `retry_after_ms` > 0), and which equals the payload when the example has one.
+   (The AsyncAPI parser does not check examples.)
 
 Checks 4 and 5 are not a full AsyncAPI validation; for that, run
 `npx @asyncapi/cli validate schemas/asyncapi.yaml`.
@@ -101,6 +104,21 @@ EXPECTED_INVALID: dict[str, tuple[str, str]] = {
     "reply-missing-timings.json": ("", "required"),
     "reply-missing-worker-id.json": ("", "required"),
     "reply-version-string.json": ("/version", "type"),
+    "reply-deferred-without-deferred.json": ("", "required"),
+    "reply-deferred-null-deferred.json": ("/deferred", "type"),
+    "reply-deferred-with-image.json": ("/image", "type"),
+    "reply-deferred-with-error.json": ("/error", "type"),
+    "reply-deferred-null-request-id.json": ("/request_id", "type"),
+    "reply-deferred-unknown-reason.json": ("/deferred/reason", "enum"),
+    "reply-deferred-count-zero.json": ("/deferred/count", "minimum"),
+    "reply-deferred-retry-after-string.json": ("/deferred/retry_after_ms", "type"),
+    "reply-deferred-extra-field.json": ("/deferred", "additionalProperties"),
+    "reply-ok-with-deferred.json": ("/deferred", "type"),
+    "reply-rate-limit-unknown-scope.json": ("/rate_limit/scope", "enum"),
+    "reply-rate-limit-extra-field.json": ("/rate_limit", "additionalProperties"),
+    "reply-rate-limit-missing-retry-after.json": ("/rate_limit", "required"),
+    "reply-rate-limit-negative-remaining.json": ("/rate_limit/remaining", "minimum"),
+    "reply-rate-limit-null.json": ("/rate_limit", "type"),
 }
 
 
@@ -259,7 +277,33 @@ def check_asyncapi_examples(path: Path, document: dict, failures: list[str]) -> 
                 if isinstance(reply, dict) and reply.get("status") != headers.get("kiln-status"):
                     failures.append(f"{label}/headers: kiln-status does not match the kiln-reply status")
                 if "payload" in example and example["payload"] != reply:
-                    failures.append(f"{label}: the error body differs from the kiln-reply header")
+                    failures.append(f"{label}: the body differs from the kiln-reply header")
+                if isinstance(reply, dict):
+                    for problem in rate_limit_header_problems(reply.get("rate_limit"), headers):
+                        failures.append(f"{label}/headers: {problem}")
+
+
+def ceil_seconds(ms) -> int | None:
+    return -(-ms // 1000) if isinstance(ms, int) else None
+
+
+def rate_limit_header_problems(rate_limit, headers: dict) -> list[str]:
+    """What the worker's publisher does: the headers mirror `rate_limit`, in seconds rounded up."""
+    expected = {}
+    if isinstance(rate_limit, dict):
+        expected = {
+            "x-ratelimit-limit": rate_limit.get("limit"),
+            "x-ratelimit-remaining": rate_limit.get("remaining"),
+            "x-ratelimit-reset": ceil_seconds(rate_limit.get("reset_ms")),
+        }
+        if rate_limit.get("retry_after_ms"):
+            expected["retry-after"] = ceil_seconds(rate_limit.get("retry_after_ms"))
+    problems = []
+    for name in ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after"):
+        if headers.get(name) != expected.get(name):
+            want = "absent" if name not in expected else expected[name]
+            problems.append(f"{name} is {headers.get(name, 'absent')!r}, the kiln-reply rate_limit says {want!r}")
+    return problems
 
 
 def main() -> int:

@@ -45,6 +45,8 @@ impl Application {
     /// Load the runtime and every enabled model (warming them up). Does not touch the broker.
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
         let started = Instant::now();
+        // Settings errors first: they are the cheapest to find and the most common.
+        settings.rate_limit.validate().context("invalid rate_limit settings")?;
         let registry = Arc::new(ModelRegistry::load(&settings.models)?);
         let runtime = Runtime::init(&settings.inference)?;
         let engine = InferenceEngine::start(
@@ -54,7 +56,6 @@ impl Application {
             settings.models.warmup,
         )?;
         let cpu = Arc::new(CpuPool::new(settings.worker.cpu_threads, settings.worker.cpu_nice)?);
-        settings.rate_limit.validate().context("invalid rate_limit settings")?;
         let limiter = match settings.rate_limit.enabled {
             true => Some(Arc::new(Limiter::new(settings.rate_limit.clone())?)),
             false => None,

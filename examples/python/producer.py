@@ -13,16 +13,26 @@ The contract in brief (docs/contract.md is normative; schemas/ has the JSON Sche
   UTF-8 JSON document (content_type application/json): version 1, request_id, user_id, model,
   optional params (style, style_image, strength, size), the image as base64, and optional
   deadline and created_at (RFC 3339). Unknown fields are refused.
-* Every request gets exactly one reply. With the `reply_to` property set (as here) it goes to that
-  queue; without it, to the `kiln.results` topic exchange with routing key = request_id. The
+* Every request gets exactly one final reply. With the `reply_to` property set (as here) it goes to
+  that queue; without it, to the `kiln.results` topic exchange with routing key = request_id. The
   reply's correlation_id is the request's (or the request_id when the request had none).
-* The reply document travels as JSON in the `kiln-reply` header, with `kiln-status` = ok | error.
-  On ok the body is the PNG file itself (content_type image/png); on error the body is the reply
-  document again, and `error.code` says what went wrong (`error.message` is for humans).
+* The reply document travels as JSON in the `kiln-reply` header, with `kiln-status` = ok | error |
+  deferred. On ok the body is the PNG file itself (content_type image/png); on error the body is the
+  reply document again, and `error.code` says what went wrong (`error.message` is for humans;
+  `rate_limited` means the user is over a limit, and `rate_limit` says which).
+* `deferred` is NOT final: the user is over a rate limit whose tier policy is to defer, so the
+  request waits in a delay queue and its final reply (ok or error) follows later with the same
+  correlation_id; `deferred` = {retry_after_ms, reason, count}. A request may be deferred several
+  times. Any status other than ok and error is treated as not final.
 
 This script declares its own exclusive, auto-delete, server-named reply queue, publishes with
 publisher confirms and mandatory=True (so a missing `kiln.requests` queue is reported instead of
-the message being silently dropped), and waits for the reply whose correlation_id matches.
+the message being silently dropped), and waits for the final reply whose correlation_id matches:
+each `deferred` notice on the way prints one line to stderr,
+
+    deferred: rate, retrying in 32 s
+
+and the wait goes on; --timeout bounds the whole wait, deferrals included.
 
 Output, for scripts and tests: exactly one line of JSON on stdout, nothing else there
 (diagnostics go to stderr):
@@ -31,7 +41,7 @@ Output, for scripts and tests: exactly one line of JSON on stdout, nothing else 
     {"status": "error", "code": "unknown_style", "message": "..."}
 
 Exit status: 0 ok; 2 the worker answered with an error (argparse also exits 2 on a usage error,
-printing nothing on stdout); 3 no reply within --timeout; 4 the broker did not take the request
+printing nothing on stdout); 3 no final reply within --timeout; 4 the broker did not take the request
 (no such queue, or it nacked it); 1 anything else (cannot connect, cannot read the image, a reply
 that breaks the contract).
 
@@ -114,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--user", default="example-user", help="user_id (default: %(default)s)")
     parser.add_argument("--request-id", help="request_id (default: a new UUID)")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for the reply (default: %(default)s)")
+                        help="seconds to wait for the final reply, deferrals included (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -175,21 +185,44 @@ def publish(channel, queue: str, body: bytes, reply_to: str, correlation_id: str
         raise Failure(f"the broker refused the request (nack) on queue {queue!r}", EXIT_NOT_ENQUEUED) from None
 
 
+FINAL_STATUSES = ("ok", "error")
+
+
 def wait_for_reply(channel, reply_queue: str, correlation_id: str, timeout: float):
-    """The first reply on `reply_queue` whose correlation_id matches, as (properties, body)."""
+    """The final reply on `reply_queue` whose correlation_id matches, as (properties, body, document).
+
+    Notices that are not final (`deferred`, or a status this script does not know) are reported on
+    stderr and the wait goes on; `timeout` bounds the whole wait.
+    """
     deadline = time.monotonic() + timeout
     for method, properties, body in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=0.25):
         if method is not None:
             if properties.correlation_id == correlation_id:
-                return properties, body
-            print(f"ignoring a message with correlation_id {properties.correlation_id!r}", file=sys.stderr)
+                document = reply_document(properties)
+                if document["status"] in FINAL_STATUSES:
+                    return properties, body, document
+                print(not_final_line(document), file=sys.stderr, flush=True)
+            else:
+                print(f"ignoring a message with correlation_id {properties.correlation_id!r}", file=sys.stderr)
         if time.monotonic() >= deadline:
-            raise Failure(f"no reply within {timeout:g} s", EXIT_TIMEOUT)
+            raise Failure(f"no final reply within {timeout:g} s", EXIT_TIMEOUT)
     raise Failure("the reply consumer was cancelled by the broker")
 
 
+def not_final_line(document: dict) -> str:
+    """One line for stderr about a notice that is not the final reply."""
+    if document["status"] != "deferred":
+        return f"not final: status {document['status']!r}, still waiting"
+    deferral = document.get("deferred")
+    deferral = deferral if isinstance(deferral, dict) else {}
+    reason = deferral.get("reason", "unknown reason")
+    wait_ms = deferral.get("retry_after_ms")
+    wait = f"{wait_ms / 1000:g}" if isinstance(wait_ms, (int, float)) and not isinstance(wait_ms, bool) else "?"
+    return f"deferred: {reason}, retrying in {wait} s"
+
+
 def reply_document(properties) -> dict:
-    """The reply document from the `kiln-reply` header."""
+    """The reply document from the `kiln-reply` header (any status; the caller decides what is final)."""
     raw = (properties.headers or {}).get("kiln-reply")
     if raw is None:
         raise Failure("the reply has no kiln-reply header")
@@ -199,7 +232,7 @@ def reply_document(properties) -> dict:
         document = json.loads(raw)
     except ValueError as error:
         raise Failure(f"the kiln-reply header is not JSON: {error}") from error
-    if not isinstance(document, dict) or document.get("status") not in ("ok", "error"):
+    if not isinstance(document, dict) or not isinstance(document.get("status"), str):
         raise Failure(f"the kiln-reply header is not a reply document: {raw[:200]!r}")
     return document
 
@@ -239,12 +272,11 @@ def run(args: argparse.Namespace) -> int:
         channel.confirm_delivery()
         reply_queue = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
         publish(channel, args.queue, body, reply_queue, correlation_id)
-        properties, reply_body = wait_for_reply(channel, reply_queue, correlation_id, args.timeout)
+        properties, reply_body, document = wait_for_reply(channel, reply_queue, correlation_id, args.timeout)
     finally:
         if connection.is_open:
             connection.close()
 
-    document = reply_document(properties)
     if document["status"] == "ok":
         summary, status = save_image(document, reply_body, out), EXIT_OK
     else:

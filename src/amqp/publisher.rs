@@ -115,9 +115,39 @@ impl ReplyPublisher {
     /// in the `x-kiln-deferrals` header), confirmed. The original may be acked once this returns
     /// [`PublishOutcome::Confirmed`].
     pub async fn defer(&self, request: &Delivery, delay_queue: &str, count: u32) -> lapin::Result<PublishOutcome> {
-        let mut headers = request.properties.headers().clone().unwrap_or_default();
+        let original = &request.properties;
+        let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(count));
-        let properties = request.properties.clone().with_headers(headers).with_delivery_mode(2);
+        // A fresh set of properties: not the producer's `expiration` (the copy would leave the
+        // delay queue early) nor its `user_id` (the broker checks it against this connection).
+        let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
+        if let Some(v) = original.content_type() {
+            properties = properties.with_content_type(v.clone());
+        }
+        if let Some(v) = original.content_encoding() {
+            properties = properties.with_content_encoding(v.clone());
+        }
+        if let Some(v) = original.priority() {
+            properties = properties.with_priority(*v);
+        }
+        if let Some(v) = original.correlation_id() {
+            properties = properties.with_correlation_id(v.clone());
+        }
+        if let Some(v) = original.reply_to() {
+            properties = properties.with_reply_to(v.clone());
+        }
+        if let Some(v) = original.message_id() {
+            properties = properties.with_message_id(v.clone());
+        }
+        if let Some(v) = original.timestamp() {
+            properties = properties.with_timestamp(*v);
+        }
+        if let Some(v) = original.kind() {
+            properties = properties.with_type(v.clone());
+        }
+        if let Some(v) = original.app_id() {
+            properties = properties.with_app_id(v.clone());
+        }
         self.confirmed_publish("", delay_queue, &request.data, properties).await
     }
 

@@ -35,18 +35,7 @@ pub fn prepare(
     request: &GenerationRequest,
 ) -> Result<Prepared, RequestError> {
     let params = &request.params;
-    if params.style.is_some() {
-        return Err(RequestError::new(
-            ErrorCode::InvalidParams,
-            format!("{} takes a style_image, not a built-in style", manifest.name),
-        ));
-    }
-    let style_bytes = params.style_image.as_deref().ok_or_else(|| {
-        RequestError::new(
-            ErrorCode::InvalidParams,
-            format!("{} needs params.style_image", manifest.name),
-        )
-    })?;
+    let style_bytes = check(manifest, request)?;
     let limits = &manifest.limits;
     let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
     let style_image = decode_rgb(style_bytes, &limits.decode_limits(), "params.style_image")?;
@@ -77,6 +66,25 @@ pub fn prepare(
             blend: None,
         },
     })
+}
+
+/// The checks that need no decoding: the parameters this model takes, a style image whose header
+/// passes the limits. Returns the style image's bytes.
+pub fn check<'r>(manifest: &Manifest, request: &'r GenerationRequest) -> Result<&'r [u8], RequestError> {
+    if request.params.style.is_some() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidParams,
+            format!("{} takes a style_image, not a built-in style", manifest.name),
+        ));
+    }
+    let style = request.params.style_image.as_deref().ok_or_else(|| {
+        RequestError::new(
+            ErrorCode::InvalidParams,
+            format!("{} needs params.style_image", manifest.name),
+        )
+    })?;
+    crate::imaging::probe_dimensions(style, &manifest.limits.decode_limits(), "params.style_image")?;
+    Ok(style)
 }
 
 fn square_tensor(image: &RgbImage, side: u32, layout: Layout, range: ValueRange) -> Vec<f32> {

@@ -55,10 +55,14 @@ impl ModelRegistry {
         self.models.values()
     }
 
-    /// How many pixels the request's output will have, from the image header alone (no decoding):
-    /// what its cost is computed from.
-    pub fn output_pixels(&self, request: &GenerationRequest) -> Result<u64, RequestError> {
+    /// Everything about a request that can be checked without decoding it (model, parameters, image
+    /// headers, output size). Returns the output's pixel count, which its cost is computed from.
+    pub fn check(&self, request: &GenerationRequest) -> Result<u64, RequestError> {
         let manifest = self.get(&request.model)?;
+        match &manifest.pipeline {
+            PipelineSpec::StyleBank(spec) => style_bank::check(manifest, spec, request).map(drop)?,
+            PipelineSpec::ArbitraryStyle(_) => arbitrary_style::check(manifest, request).map(drop)?,
+        }
         let limits = &manifest.limits;
         let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
         let (w, h) = super::output_size(limits, request.params.size, dims)?;

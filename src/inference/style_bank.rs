@@ -31,17 +31,8 @@ pub fn prepare(
     spec: &StyleBankSpec,
     request: &GenerationRequest,
 ) -> Result<Prepared, RequestError> {
+    let weights = check(manifest, spec, request)?;
     let params = &request.params;
-    if params.style_image.is_some() {
-        return Err(RequestError::new(
-            ErrorCode::InvalidParams,
-            format!(
-                "{} does not take style_image; choose a built-in style with `style`",
-                manifest.name
-            ),
-        ));
-    }
-    let weights = style_weights(params.style.as_ref(), spec.styles)?;
     let limits = &manifest.limits;
     let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
     let (width, height) = output_size(limits, params.size, photo.dimensions())?;
@@ -72,6 +63,21 @@ pub fn prepare(
             blend: (strength < 1.0).then_some((photo, strength)),
         },
     })
+}
+
+/// The checks that need no decoding: parameters this model takes, a valid style. Returns the
+/// style weights.
+pub fn check(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Vec<f32>, RequestError> {
+    if request.params.style_image.is_some() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidParams,
+            format!(
+                "{} does not take style_image; choose a built-in style with `style`",
+                manifest.name
+            ),
+        ));
+    }
+    style_weights(request.params.style.as_ref(), spec.styles)
 }
 
 fn round_up(value: u32, multiple: u32) -> u32 {

@@ -12,7 +12,8 @@
 --       max in flight
 -- Returns {verdict, scope, tier, limit, remaining, reset_ms, retry_after_ms, unknown_tier_record}
 --   verdict: 1 admitted, 2 already admitted (lease still held: a redelivery), 0 limited
---   scope: "rate", "daily_quota" or "in_flight" (the limit reported)
+--   scope: "rate", "daily_quota" or "in_flight" (the limit reported), or "cost" when the cost is
+--   more than the tier's burst or daily quota (it could never be admitted; limit = the largest)
 -- Nothing is written unless the request is admitted.
 
 local now = tonumber(ARGV[1])
@@ -39,12 +40,23 @@ if not tier then
   tier, interval, burst, quota, max_in_flight = pick(ARGV[6])
 end
 
+-- A cost no window of this tier can hold is refused outright, never deferred forever.
+if cost > burst or cost > quota then
+  return {0, 'cost', tier, math.min(burst, quota), 0, 0, 0, unknown_record}
+end
+
+local capacity = burst * interval
+local tat = tonumber(redis.call('GET', KEYS[2]) or now)
+if tat < now then tat = now end
+
 -- In flight: expired leases (crashed workers) stop counting.
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 if redis.call('ZSCORE', KEYS[4], lease_id) then
+  -- A redelivery of a request still holding its lease: admitted again, charged nothing.
   redis.call('ZADD', KEYS[4], now + lease_ttl, lease_id)
   redis.call('PEXPIRE', KEYS[4], lease_ttl)
-  return {2, 'in_flight', tier, max_in_flight, 0, 0, 0, unknown_record}
+  local remaining = math.floor((capacity - (tat - now)) / interval + 1e-9)
+  return {2, 'rate', tier, burst, remaining, math.ceil(tat - now), 0, unknown_record}
 end
 local in_flight = redis.call('ZCARD', KEYS[4])
 if in_flight >= max_in_flight then
@@ -61,9 +73,6 @@ if used + cost > quota then
 end
 
 -- Sustained rate with burst: GCRA, as redis-cell and governor do it.
-local capacity = burst * interval
-local tat = tonumber(redis.call('GET', KEYS[2]) or now)
-if tat < now then tat = now end
 local new_tat = tat + cost * interval
 if new_tat - now > capacity then
   local remaining = math.floor((capacity - (tat - now)) / interval + 1e-9)

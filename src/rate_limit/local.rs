@@ -56,22 +56,41 @@ impl LocalLimiter {
             reset_ms: reset_ms.max(0) as u64,
             retry_after_ms: retry_after_ms.max(0) as u64,
             unknown_tier_record: None,
+            exceeds_tier: false,
         };
+        if cost > u64::from(tier.burst) || cost > tier.daily_quota {
+            let max = u64::from(tier.burst).min(tier.daily_quota);
+            return Verdict {
+                exceeds_tier: true,
+                ..verdict(false, Scope::Rate, max, 0, 0, 0)
+            };
+        }
         let mut users = self.users.lock().expect("not poisoned");
         if users.len() >= SWEEP_ABOVE {
             users.retain(|_, u| u.tat > now_ms as f64 || !u.leases.is_empty());
         }
         let state = users.entry(user.to_owned()).or_default();
         let now = now_ms as f64;
+        let interval = tier.interval_ms();
+        let capacity = f64::from(tier.burst) * interval;
+        let tat = state.tat.max(now);
 
         state.leases.retain(|_, expiry| *expiry > now_ms);
         if state.leases.contains_key(lease_id) {
-            state
-                .leases
-                .insert(lease_id.to_owned(), now_ms + settings.lease_ttl_ms as i64);
+            // A redelivery of a request still holding its lease: admitted again, charged nothing.
+            let expiry = now_ms + settings.lease_ttl_ms as i64;
+            state.leases.insert(lease_id.to_owned(), expiry);
+            let remaining = ((capacity - (tat - now)) / interval + 1e-9).floor() as u64;
             return Verdict {
                 readmitted: true,
-                ..verdict(true, Scope::InFlight, u64::from(tier.max_in_flight), 0, 0, 0)
+                ..verdict(
+                    true,
+                    Scope::Rate,
+                    u64::from(tier.burst),
+                    remaining,
+                    (tat - now).ceil() as i64,
+                    0,
+                )
             };
         }
         if state.leases.len() >= tier.max_in_flight as usize {
@@ -103,9 +122,6 @@ impl LocalLimiter {
             );
         }
 
-        let interval = tier.interval_ms();
-        let capacity = f64::from(tier.burst) * interval;
-        let tat = state.tat.max(now);
         let new_tat = tat + cost as f64 * interval;
         if new_tat - now > capacity {
             let remaining = ((capacity - (tat - now)) / interval + 1e-9).floor() as u64;

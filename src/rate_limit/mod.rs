@@ -40,6 +40,9 @@ pub struct Verdict {
     pub retry_after_ms: u64,
     /// A tier record naming no configured tier (the default tier was used).
     pub unknown_tier_record: Option<String>,
+    /// The cost is more than the tier's burst or daily quota: it can never be admitted (`limit` is
+    /// the most it could cost).
+    pub exceeds_tier: bool,
 }
 
 impl From<&Verdict> for LimitInfo {
@@ -79,6 +82,13 @@ pub enum Decision {
         info: LimitInfo,
         /// `reject` or `defer`.
         policy: AtLimit,
+    },
+    /// The request costs more than the user's tier could ever admit.
+    TooCostly {
+        /// The tier.
+        tier: String,
+        /// The most a request may cost in it.
+        max_units: u64,
     },
     /// Redis is down and the policy is `fail_closed`: defer for this long.
     Unavailable {
@@ -162,6 +172,12 @@ impl Limiter {
                     local,
                 },
                 info: LimitInfo::from(&verdict),
+            };
+        }
+        if verdict.exceeds_tier {
+            return Decision::TooCostly {
+                tier: verdict.tier,
+                max_units: verdict.limit,
             };
         }
         let (_, tier) = self.settings.tier_or_default(Some(&verdict.tier));

@@ -150,6 +150,7 @@ impl RedisLimiter {
             reset_ms: reset_ms.max(0) as u64,
             retry_after_ms: retry_after_ms.max(0) as u64,
             unknown_tier_record: (!unknown.is_empty()).then_some(unknown),
+            exceeds_tier: scope == "cost",
         })
     }
 

@@ -41,7 +41,8 @@ pub(super) async fn admit(
         error,
         rate_limit: None,
     };
-    let pixels = match registry.output_pixels(request) {
+    // Refuse what would fail anyway before charging the user for it.
+    let pixels = match registry.check(request) {
         Ok(pixels) => pixels,
         Err(error) => return refuse(error),
     };
@@ -56,23 +57,32 @@ pub(super) async fn admit(
             ),
         ));
     }
-    match limiter.decide(request.user_id.as_str(), cost, request.request_id.as_str()).await {
+    match limiter
+        .decide(request.user_id.as_str(), cost, request.request_id.as_str())
+        .await
+    {
         Decision::Admitted { lease, info } => Admission::Go {
             lease: Some(lease),
             rate_limit: Some(info),
         },
-        Decision::Limited { info, .. } if info.scope == Scope::Rate && cost > info.limit => refuse(RequestError::new(
+        Decision::TooCostly { tier, max_units } => refuse(RequestError::new(
             ErrorCode::InvalidParams,
             format!(
-                "this request costs {cost} units, more than tier {}'s burst of {}: it could never run; ask for a smaller size",
-                info.tier, info.limit
+                "this request costs {cost} units; tier {tier} admits at most {max_units} at once or per day, so it \
+                 could never run; ask for a smaller size"
             ),
         )),
-        Decision::Limited { info, policy: AtLimit::Reject } => Admission::Refuse {
+        Decision::Limited {
+            info,
+            policy: AtLimit::Reject,
+        } => Admission::Refuse {
             error: RequestError::new(ErrorCode::RateLimited, limit_message(&info)),
             rate_limit: Some(info),
         },
-        Decision::Limited { info, policy: AtLimit::Defer } => Admission::Defer {
+        Decision::Limited {
+            info,
+            policy: AtLimit::Defer,
+        } => Admission::Defer {
             deferral: Deferral {
                 retry_after_ms: info.retry_after_ms,
                 reason: scope_name(info.scope).to_owned(),

@@ -139,7 +139,7 @@ impl Worker {
                     }
                     Admission::Defer { deferral, rate_limit } => {
                         target.rate_limit = rate_limit;
-                        return self.defer(&delivery, &request, target, deferral).await;
+                        return self.defer(&delivery, &request, target, deferral, timings).await;
                     }
                 }
             }
@@ -178,6 +178,7 @@ impl Worker {
         request: &GenerationRequest,
         target: ReplyTarget,
         mut deferral: Deferral,
+        timings: Timings,
     ) -> Outcome {
         let (queue, wait_ms) = self.services.topology.delay_queue_for(deferral.retry_after_ms);
         deferral.retry_after_ms = wait_ms;
@@ -194,7 +195,7 @@ impl Worker {
                 delivery,
                 target,
                 Err(error),
-                Timings::default(),
+                timings,
                 self.services.worker_id.to_string(),
             );
             let published = self.publisher.publish(reply).await;

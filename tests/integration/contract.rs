@@ -10,6 +10,16 @@ use serde_json::Value;
 
 use crate::helpers::{read, repo, request, spawn_app, REPLY_TIMEOUT};
 
+/// Panic unless `doc` validates against the published reply schema.
+pub fn assert_valid_reply(doc: &kiln::domain::ReplyDocument) {
+    let value = serde_json::to_value(doc).unwrap();
+    let errors: Vec<String> = schema("reply.v1.schema.json")
+        .iter_errors(&value)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{value}: {errors:?}");
+}
+
 fn schema(file: &str) -> jsonschema::Validator {
     let schema: Value = serde_json::from_slice(&read(&format!("schemas/{file}"))).unwrap();
     jsonschema::validator_for(&schema).unwrap()

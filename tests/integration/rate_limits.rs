@@ -111,6 +111,10 @@ async fn admits_exactly_the_burst_then_the_rate_then_stops_at_the_daily_quota() 
     let v = c.at(T0 + 65_000, 3).await;
     assert!(!v.admitted && v.remaining == 2 && v.retry_after_ms == 1000, "{v:?}");
 
+    // More than the burst can ever hold: refused as such, nothing charged.
+    let v = c.at(T0 + 100_000, 6).await;
+    assert!(!v.admitted && v.exceeds_tier && v.limit == 5, "{v:?}");
+
     // Daily quota: 14 spent; 5 + 1 more reach 20, then nothing until midnight UTC.
     assert!(c.at(T0 + 200_000, 5).await.admitted);
     assert!(c.at(T0 + 300_000, 1).await.admitted);
@@ -171,6 +175,11 @@ async fn leases_of_a_crashed_worker_expire_and_a_redelivery_is_not_charged_twice
     // r1 is redelivered to another worker while its lease holds: admitted, not charged again.
     let v = limiter.decide("carol", 1, "r1", T0 + 20).await.unwrap();
     assert!(v.admitted && v.readmitted, "{v:?}");
+    assert_eq!(
+        (v.scope, v.limit),
+        (Scope::Rate, 50),
+        "it reports the rate, as any admission"
+    );
     assert_eq!(limiter.show("carol", T0 + 20).await.unwrap().quota_used, 2);
 
     // Once the leases expire, the user is not locked out.
@@ -203,7 +212,11 @@ fn slot(key: &str) -> u16 {
 
 #[tokio::test]
 async fn a_decision_touches_one_cluster_slot_and_every_key_expires() {
-    assert_eq!(slot("123456789"), 0x31C3, "CRC16/XMODEM check value (below 16384, so unchanged by the modulo)");
+    assert_eq!(
+        slot("123456789"),
+        0x31C3,
+        "CRC16/XMODEM check value (below 16384, so unchanged by the modulo)"
+    );
     for user in ["alice", "user-42", "Zoë ☕", "a{b}c", "}{"] {
         let k = UserKeys::new("kiln", user, T0);
         let slots = [slot(&k.tier), slot(&k.gcra), slot(&k.quota), slot(&k.leases)];
@@ -349,6 +362,10 @@ async fn a_deferred_request_round_trips_through_the_broker_and_is_served() {
         }
     }
     let (notice, _) = notice.expect("the producer is told the request was deferred");
+    crate::contract::assert_valid_reply(&notice);
+    finals
+        .iter()
+        .for_each(|(doc, _)| crate::contract::assert_valid_reply(doc));
     assert_eq!(notice.request_id.as_deref(), Some(second.request_id.as_str()));
     let deferral = notice.deferred.unwrap();
     assert_eq!(
@@ -390,6 +407,8 @@ async fn a_reject_tier_gets_rate_limited_with_limit_remaining_reset_and_retry_af
     assert_eq!(header_i64(&ok.headers, "x-ratelimit-remaining"), Some(0));
 
     let limited = producer.request(&request(&photo, None), REPLY_TIMEOUT).await.unwrap();
+    crate::contract::assert_valid_reply(&ok.document);
+    crate::contract::assert_valid_reply(&limited.document);
     let error = limited.document.error.as_ref().unwrap();
     assert_eq!(error.code, ErrorCode::RateLimited, "{}", error.message);
     let info = limited.document.rate_limit.unwrap();
@@ -404,7 +423,11 @@ async fn a_reject_tier_gets_rate_limited_with_limit_remaining_reset_and_retry_af
     let refused = producer.request(&huge, REPLY_TIMEOUT).await.unwrap();
     let error = refused.document.error.unwrap();
     assert_eq!(error.code, ErrorCode::InvalidParams);
-    assert!(error.message.contains("costs 16 units"), "{}", error.message);
+    assert!(
+        error.message.contains("costs 16 units") && error.message.contains("could never run"),
+        "{}",
+        error.message
+    );
     producer.close().await;
     forget(&app.settings.rate_limit.key_prefix).await;
     app.stop().await;
@@ -482,6 +505,7 @@ async fn fail_closed_at_the_worker_defers_while_redis_is_down_and_serves_when_it
     producer.send(&req).await.unwrap();
     let notice = producer.next_reply(REPLY_TIMEOUT).await.unwrap().document;
     assert_eq!(notice.status, ReplyStatus::Deferred);
+    crate::contract::assert_valid_reply(&notice);
     assert_eq!(notice.deferred.unwrap().reason, "limiter_unavailable");
 
     let _proxy = TcpProxy::start(port, 6379).await;
@@ -494,4 +518,20 @@ async fn fail_closed_at_the_worker_defers_while_redis_is_down_and_serves_when_it
     producer.close().await;
     forget(&app.settings.rate_limit.key_prefix).await;
     app.stop().await;
+}
+
+#[test]
+fn an_unknown_tier_in_the_configuration_is_a_startup_error() {
+    let mut s = crate::helpers::test_settings();
+    s.rate_limit.default_tier = "gold".into();
+    let error = kiln::startup::Application::build(s).err().expect("refused").to_string();
+    assert!(error.contains("rate_limit"), "{error}");
+
+    // From the environment: a tier given there must be complete (tiers are data, never half-merged).
+    let env = std::collections::HashMap::from([("KILN_RATE_LIMIT__TIERS__GOLD__BURST".to_owned(), "5".to_owned())]);
+    let error = kiln::configuration::Settings::load_from(None, Some(env)).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("missing configuration field \"rate_limit.tiers.gold.rate_per_minute\""),
+        "{error:#}"
+    );
 }
