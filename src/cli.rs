@@ -106,7 +106,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Submit(args) => submit(args, &settings).await,
         Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {
-            for m in ModelRegistry::load(&settings.models)?.iter() {
+            for m in ModelRegistry::load(&settings.models, &settings.batching)?.iter() {
                 println!(
                     "{}\t{}\n\tlicence: {}\n\torigin: {}",
                     m.name, m.description, m.licence, m.origin

@@ -21,6 +21,10 @@ pub struct Settings {
     pub inference: InferenceSettings,
     /// Which models to serve.
     pub models: ModelSettings,
+    /// How requests are grouped into batches on the device.
+    pub batching: BatchingSettings,
+    /// Priorities, default deadlines and overload behaviour by tier.
+    pub scheduling: crate::scheduling::SchedulingSettings,
     /// Per-request limits that do not depend on the model.
     pub limits: RequestLimits,
     /// Per-user rate limits and quotas by tier (Redis).
@@ -288,6 +292,67 @@ impl Default for ModelSettings {
             enabled: vec!["multistyle26".into(), "arbitrary-style".into()],
             warmup: true,
         }
+    }
+}
+
+/// Dynamic batching: defaults for every model, and overrides by model name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingSettings {
+    /// Most requests in one model run. Default 4 (BENCHMARKS.md: on CPU larger batches gain
+    /// nothing; on a GPU raise it, 16 at 256 px).
+    pub max_batch_size: usize,
+    /// Longest a request waits for others to share its batch when the device is idle. Under load
+    /// the device is never idle and batches fill without waiting. Default 2 ms.
+    pub max_queue_delay_ms: u64,
+    /// Tensor sides are padded (reflect) up to a multiple of this many pixels, so requests of
+    /// nearby sizes share a batch. A multiple of the model's `limits.multiple_of`. Default 32.
+    pub shape_bucket: u32,
+    /// Per-model overrides, by model name (`[batching.models.multistyle26]`).
+    pub models: std::collections::BTreeMap<String, ModelBatching>,
+}
+
+impl Default for BatchingSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 4,
+            max_queue_delay_ms: 2,
+            shape_bucket: 32,
+            models: Default::default(),
+        }
+    }
+}
+
+/// One model's batching overrides; what is not given comes from `[batching]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelBatching {
+    /// See [`BatchingSettings::max_batch_size`].
+    pub max_batch_size: Option<usize>,
+    /// See [`BatchingSettings::max_queue_delay_ms`].
+    pub max_queue_delay_ms: Option<u64>,
+    /// See [`BatchingSettings::shape_bucket`].
+    pub shape_bucket: Option<u32>,
+}
+
+impl BatchingSettings {
+    /// The batch limits for a model.
+    pub fn limits(&self, model: &str) -> crate::inference::BatchLimits {
+        let own = self.models.get(model).cloned().unwrap_or_default();
+        crate::inference::BatchLimits {
+            max_batch_size: own.max_batch_size.unwrap_or(self.max_batch_size).max(1),
+            max_queue_delay: std::time::Duration::from_millis(
+                own.max_queue_delay_ms.unwrap_or(self.max_queue_delay_ms),
+            ),
+        }
+    }
+
+    /// The shape bucket for a model.
+    pub fn shape_bucket(&self, model: &str) -> u32 {
+        self.models
+            .get(model)
+            .and_then(|m| m.shape_bucket)
+            .unwrap_or(self.shape_bucket)
     }
 }
 

@@ -38,6 +38,7 @@ pub mod domain;
 pub mod imaging;
 pub mod inference;
 pub mod rate_limit;
+pub mod scheduling;
 pub mod shutdown;
 pub mod startup;
 pub mod submit;

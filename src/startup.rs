@@ -13,7 +13,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
 
 use crate::amqp::connect::connect_with_retry;
@@ -21,7 +21,9 @@ use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::Topology;
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
-use crate::inference::{ActiveProvider, InferenceEngine, ModelRegistry, Runtime};
+use crate::inference::manifest::PipelineSpec;
+use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
+use crate::scheduling::Schedule;
 use crate::rate_limit::Limiter;
 use crate::worker::{Outcome, Services, Worker};
 
@@ -47,14 +49,14 @@ impl Application {
         let started = Instant::now();
         // Settings errors first: they are the cheapest to find and the most common.
         settings.rate_limit.validate().context("invalid rate_limit settings")?;
-        let registry = Arc::new(ModelRegistry::load(&settings.models)?);
+        let tiers: Vec<&str> = settings.rate_limit.tiers.keys().map(String::as_str).collect();
+        let schedule = Arc::new(
+            Schedule::new(&settings.scheduling, &tiers, &settings.rate_limit.default_tier)
+                .context("invalid scheduling settings")?,
+        );
+        let registry = Arc::new(ModelRegistry::load(&settings.models, &settings.batching)?);
         let runtime = Runtime::init(&settings.inference)?;
-        let engine = InferenceEngine::start(
-            &registry,
-            runtime,
-            settings.inference.queue_capacity,
-            settings.models.warmup,
-        )?;
+        let engine = InferenceEngine::start(&registry, runtime, engine_options(&settings, &registry, &schedule))?;
         let cpu = Arc::new(CpuPool::new(settings.worker.cpu_threads, settings.worker.cpu_nice)?);
         let limiter = match settings.rate_limit.enabled {
             true => Some(Arc::new(Limiter::new(settings.rate_limit.clone())?)),
@@ -65,7 +67,8 @@ impl Application {
             inference: engine.handle(),
             cpu,
             limiter,
-            topology: Arc::new(Topology::new(&settings.amqp.topology)),
+            topology: Arc::new(Topology::for_settings(&settings)),
+            schedule,
             worker_id: settings.worker.resolved_id().into(),
             limits: settings.limits.clone(),
             faults: settings.faults.clone(),
@@ -81,6 +84,11 @@ impl Application {
     /// The execution provider the models run on.
     pub fn provider(&self) -> ActiveProvider {
         self.engine.handle().provider()
+    }
+
+    /// What a [`Worker`] needs (for tests that drive one delivery at a time).
+    pub fn services(&self) -> Services {
+        self.services.clone()
     }
 
     /// This worker's id, as it appears in replies.
@@ -128,31 +136,45 @@ impl Application {
         let setup = async {
             let channel = connection.create_channel().await?;
             self.services.topology.declare(&channel).await?;
-            channel
-                .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-                .await?;
             let publisher = ReplyPublisher::open(connection, &self.services.topology.results).await?;
-            let consumer = channel
-                .basic_consume(
-                    self.services.topology.requests.as_str().into(),
-                    format!("kiln-{}", self.services.worker_id).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((channel, publisher, consumer))
+            // One channel per request queue, each with its own prefetch: a backlog in one tier's
+            // queue cannot fill the worker's hands and keep another tier's requests out.
+            let mut consumers = Vec::new();
+            for queue in &self.services.topology.request_queues {
+                let channel = connection.create_channel().await?;
+                channel
+                    .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
+                    .await?;
+                let consumer = channel
+                    .basic_consume(
+                        queue.name.as_str().into(),
+                        format!("kiln-{}", self.services.worker_id).into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                consumers.push((channel, consumer, Arc::new(queue.clone())));
+            }
+            Ok::<_, lapin::Error>((publisher, consumers))
         };
-        let (channel, publisher, mut consumer) = setup.await.with_context(|| {
+        let (publisher, consumers) = setup.await.with_context(|| {
             format!(
                 "cannot set up queues on the broker (topology prefix {:?})",
                 self.settings.amqp.topology.prefix
             )
         })?;
+        let cancels: Vec<(Channel, String)> = consumers
+            .iter()
+            .map(|(channel, consumer, _)| (channel.clone(), consumer.tag().to_string()))
+            .collect();
+        let mut deliveries = futures_util::stream::select_all(consumers.into_iter().map(|(_, consumer, queue)| {
+            consumer.map(move |next| next.map(|delivery| (delivery, Arc::clone(&queue))))
+        }));
 
         let worker = Worker::new(self.services.clone(), publisher);
         tracing::info!(
             worker_id = %self.services.worker_id,
-            queue = %self.services.topology.requests,
+            queues = ?self.services.topology.request_queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
             provider = self.provider().name(),
             models = ?self.services.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             prefetch = self.settings.amqp.prefetch,
@@ -166,10 +188,10 @@ impl Application {
                 biased;
                 () = &mut *shutdown => break SessionEnd::Stopped,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_task(done),
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
+                next = deliveries.next() => match next {
+                    Some(Ok((delivery, queue))) => {
                         let worker = worker.clone();
-                        tasks.spawn(async move { worker.handle(delivery).await });
+                        tasks.spawn(async move { worker.handle(delivery, &queue).await });
                     }
                     Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
@@ -187,12 +209,14 @@ impl Application {
                 // After the cancel, the consumer yields what the broker already sent (prefetched but
                 // not started) and then ends. Serving those too, rather than letting them return to
                 // the queue, keeps a deploy from adding to their delivery count.
-                let _ = channel
-                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                    .await;
-                while let Some(Ok(delivery)) = consumer.next().await {
+                for (channel, tag) in &cancels {
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                while let Some(Ok((delivery, queue))) = deliveries.next().await {
                     let worker = worker.clone();
-                    tasks.spawn(async move { worker.handle(delivery).await });
+                    tasks.spawn(async move { worker.handle(delivery, &queue).await });
                 }
             }
             while let Some(done) = tasks.join_next().await {
@@ -208,6 +232,31 @@ impl Application {
             tasks.abort_all();
         }
         Ok(end)
+    }
+}
+
+/// The inference thread's batching and priorities, from the settings.
+fn engine_options(settings: &Settings, registry: &ModelRegistry, schedule: &Schedule) -> EngineOptions {
+    let batch_limits = registry
+        .iter()
+        .map(|manifest| {
+            let limits = match manifest.pipeline {
+                PipelineSpec::StyleBank(_) => settings.batching.limits(&manifest.name),
+                // Its two networks take one sample at a time: nothing to wait for.
+                PipelineSpec::ArbitraryStyle(_) => BatchLimits {
+                    max_batch_size: 1,
+                    max_queue_delay: Duration::ZERO,
+                },
+            };
+            (manifest.name.clone(), limits)
+        })
+        .collect();
+    EngineOptions {
+        queue_capacity: settings.inference.queue_capacity,
+        warmup: settings.models.warmup,
+        class_weights: schedule.weights(),
+        batch_limits,
+        default_batch_limits: settings.batching.limits(""),
     }
 }
 

@@ -6,6 +6,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use lapin::message::Delivery;
 
+use super::topology::RETURN_QUEUE_HEADER;
 use crate::domain::{ReplyDocument, ReplyStatus};
 
 /// Where a reply goes.
@@ -112,12 +113,20 @@ impl ReplyPublisher {
     }
 
     /// Put a copy of a request in a delay queue (body and properties unchanged, the deferral count
-    /// in the `x-kiln-deferrals` header), confirmed. The original may be acked once this returns
+    /// in the `x-kiln-deferrals` header, the queue it returns to in `kiln-queue`), confirmed. The original may be acked once this returns
     /// [`PublishOutcome::Confirmed`].
-    pub async fn defer(&self, request: &Delivery, delay_queue: &str, count: u32) -> lapin::Result<PublishOutcome> {
+    pub async fn defer(
+        &self,
+        request: &Delivery,
+        delay_queue: &str,
+        count: u32,
+        return_queue: &str,
+    ) -> lapin::Result<PublishOutcome> {
         let original = &request.properties;
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(count));
+        // Where the broker sends it back when its wait is over (see `amqp::topology`).
+        headers.insert(RETURN_QUEUE_HEADER.into(), long_string(return_queue));
         // A fresh set of properties: not the producer's `expiration` (the copy would leave the
         // delay queue early) nor its `user_id` (the broker checks it against this connection).
         let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);

@@ -1,18 +1,23 @@
 //! The queues and exchanges kiln uses, declared idempotently by every worker at startup.
 //!
 //! ```text
-//!  producer ──► "" ──► <prefix>.requests (quorum, delivery limit) ──► worker
+//!  producer ──► "" ──► <prefix>.requests          (quorum, delivery limit) ──► worker
+//!  producer ──► "" ──► <prefix>.requests.<tier>   (one per tier, same arguments) ──► worker
 //!                            │ rejected / over the delivery limit
 //!                            ▼
 //!                      <prefix>.dlx (fanout) ──► <prefix>.dead-letter
 //!  worker ──► <prefix>.results (topic, key = request_id) ──► producers' queues
 //!  worker ──► "" ──► reply_to (RPC replies)
-//!  worker ──► <prefix>.delay.<ms> (message TTL) ──expired──► "" ──► <prefix>.requests
+//!  worker ──► <prefix>.deferred.<ms> (message TTL) ──expired──► <prefix>.requeue (headers)
+//!                 ──kiln-queue header──► the request queue the request came from
+//!                 ──no such queue (alternate exchange <prefix>.requeue.fallback)──► <prefix>.requests
 //! ```
 //!
 //! Deferred requests wait in one of the delay queues, each with a fixed TTL (1 s, 2 s, 4 s, … 4096 s),
 //! so every queue expires its messages in order; a request waits in the shortest one that covers
-//! its delay, and a longer wait (a daily quota) takes several trips.
+//! its delay, and a longer wait (a daily quota) takes several trips. On expiry the broker
+//! dead-letters the copy to a headers exchange that routes it back by its `kiln-queue` header, so a
+//! paid request deferred from its tier's queue goes back to that queue, not behind the free backlog.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -20,11 +25,29 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::configuration::TopologySettings;
 
+/// A queue the worker consumes requests from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestQueue {
+    /// Queue name.
+    pub name: String,
+    /// The tier it carries; `None` for the shared `<prefix>.requests` (the default tier's).
+    pub tier: Option<String>,
+}
+
+/// Header on a deferred copy naming the request queue it returns to.
+pub const RETURN_QUEUE_HEADER: &str = "kiln-queue";
+
 /// The names of everything kiln declares.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// Durable quorum queue of requests.
+    /// Durable quorum queue of requests (any tier).
     pub requests: String,
+    /// Every request queue: `requests` first, then one per tier (when `scheduling.tier_queues`).
+    pub request_queues: Vec<RequestQueue>,
+    /// Headers exchange that expired delay-queue copies go back through.
+    pub requeue_exchange: String,
+    /// Fanout exchange behind it for copies whose queue is gone; bound to `requests`.
+    pub requeue_fallback: String,
     /// Topic exchange for replies to requests without `reply_to`.
     pub results: String,
     /// Fanout exchange that dead letters go to.
@@ -43,18 +66,52 @@ const DELAY_BUCKETS_MS: [u64; 13] = [
 ];
 
 impl Topology {
-    /// Names derived from the configured prefix.
+    /// Names for a worker with these settings: the shared request queue, and one per tier unless
+    /// `scheduling.tier_queues` is off.
+    pub fn for_settings(settings: &crate::configuration::Settings) -> Self {
+        let tiers = settings.rate_limit.tiers.keys().map(String::as_str);
+        match settings.scheduling.tier_queues {
+            true => Self::with_tiers(&settings.amqp.topology, tiers),
+            false => Self::new(&settings.amqp.topology),
+        }
+    }
+
+    /// Names derived from the configured prefix, with a request queue per tier.
+    pub fn with_tiers<'a>(settings: &TopologySettings, tiers: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut topology = Self::new(settings);
+        for tier in tiers {
+            topology.request_queues.push(RequestQueue {
+                name: topology.tier_queue(tier),
+                tier: Some(tier.to_owned()),
+            });
+        }
+        topology
+    }
+
+    /// The request queue of a tier: `<prefix>.requests.<tier>`.
+    pub fn tier_queue(&self, tier: &str) -> String {
+        format!("{}.{tier}", self.requests)
+    }
+
+    /// Names derived from the configured prefix, with the shared request queue only.
     pub fn new(settings: &TopologySettings) -> Self {
         let p = &settings.prefix;
+        let requests = format!("{p}.requests");
         Self {
-            requests: format!("{p}.requests"),
+            request_queues: vec![RequestQueue {
+                name: requests.clone(),
+                tier: None,
+            }],
+            requeue_exchange: format!("{p}.requeue"),
+            requeue_fallback: format!("{p}.requeue.fallback"),
+            requests,
             results: format!("{p}.results"),
             dead_letter_exchange: format!("{p}.dlx"),
             dead_letter_queue: format!("{p}.dead-letter"),
             delivery_limit: settings.delivery_limit,
             delay_queues: DELAY_BUCKETS_MS
                 .iter()
-                .map(|ms| (*ms, format!("{p}.delay.{ms}")))
+                .map(|ms| (*ms, format!("{p}.deferred.{ms}")))
                 .collect(),
         }
     }
@@ -130,11 +187,56 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        // Expired deferred copies come back through a headers exchange, by their kiln-queue header;
+        // one naming no queue (a tier since removed) falls back to the shared queue, never dropped.
         channel
-            .queue_declare(
+            .exchange_declare(
+                self.requeue_fallback.as_str().into(),
+                ExchangeKind::Fanout,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut requeue_args = FieldTable::default();
+        requeue_args.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(LongString::from(self.requeue_fallback.as_str())),
+        );
+        channel
+            .exchange_declare(
+                self.requeue_exchange.as_str().into(),
+                ExchangeKind::Headers,
+                durable_exchange,
+                requeue_args,
+            )
+            .await?;
+        for queue in &self.request_queues {
+            channel
+                .queue_declare(queue.name.as_str().into(), durable_queue, self.request_queue_arguments())
+                .await?;
+            let mut match_args = FieldTable::default();
+            match_args.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+            match_args.insert(
+                RETURN_QUEUE_HEADER.into(),
+                AMQPValue::LongString(LongString::from(queue.name.as_str())),
+            );
+            channel
+                .queue_bind(
+                    queue.name.as_str().into(),
+                    self.requeue_exchange.as_str().into(),
+                    ShortString::from(""),
+                    QueueBindOptions::default(),
+                    match_args,
+                )
+                .await?;
+        }
+        channel
+            .queue_bind(
                 self.requests.as_str().into(),
-                durable_queue,
-                self.request_queue_arguments(),
+                self.requeue_fallback.as_str().into(),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
             )
             .await?;
         for (ms, name) in &self.delay_queues {
@@ -142,11 +244,7 @@ impl Topology {
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
             args.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(LongString::from("")),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(LongString::from(self.requests.as_str())),
+                AMQPValue::LongString(LongString::from(self.requeue_exchange.as_str())),
             );
             channel.queue_declare(name.as_str().into(), durable_queue, args).await?;
         }
@@ -161,9 +259,23 @@ mod tests {
     #[test]
     fn a_delay_goes_to_the_shortest_queue_that_covers_it() {
         let t = Topology::new(&TopologySettings::default());
-        assert_eq!(t.delay_queue_for(0), ("kiln.delay.1000", 1_000));
-        assert_eq!(t.delay_queue_for(1_500), ("kiln.delay.2000", 2_000));
-        assert_eq!(t.delay_queue_for(2_000), ("kiln.delay.2000", 2_000));
-        assert_eq!(t.delay_queue_for(86_400_000), ("kiln.delay.4096000", 4_096_000));
+        assert_eq!(t.delay_queue_for(0), ("kiln.deferred.1000", 1_000));
+        assert_eq!(t.delay_queue_for(1_500), ("kiln.deferred.2000", 2_000));
+        assert_eq!(t.delay_queue_for(2_000), ("kiln.deferred.2000", 2_000));
+        assert_eq!(t.delay_queue_for(86_400_000), ("kiln.deferred.4096000", 4_096_000));
+    }
+
+    #[test]
+    fn every_tier_has_its_queue_after_the_shared_one() {
+        let t = Topology::with_tiers(&TopologySettings::default(), ["free", "pro"]);
+        let names: Vec<_> = t.request_queues.iter().map(|q| (q.name.as_str(), q.tier.as_deref())).collect();
+        assert_eq!(
+            names,
+            [
+                ("kiln.requests", None),
+                ("kiln.requests.free", Some("free")),
+                ("kiln.requests.pro", Some("pro"))
+            ]
+        );
     }
 }

@@ -54,6 +54,21 @@ pub struct ReplyDocument {
     /// For a `deferred` notice: when the request comes back, and why it waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred: Option<Deferral>,
+    /// On `ok`: how many requests shared the model run (dynamic batching).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// On `ok`: the image was made smaller than asked because the worker was overloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<Degraded>,
+}
+
+/// How a reply was degraded under overload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Degraded {
+    /// The output's longer side was capped at this.
+    pub max_side: u32,
+    /// Why: `overloaded`.
+    pub reason: String,
 }
 
 /// The PNG in the body of a successful reply.
@@ -100,6 +115,10 @@ pub struct Timings {
     pub encode: f64,
     /// From receipt to the reply being ready.
     pub total: f64,
+    /// Of the time to the reply, how long the prepared request waited for its batch to start
+    /// (priority, batching, the device busy); absent when it never reached the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_wait: Option<f64>,
 }
 
 impl ReplyDocument {
@@ -116,6 +135,8 @@ impl ReplyDocument {
             worker_id,
             rate_limit: None,
             deferred: None,
+            batch_size: None,
+            degraded: None,
         }
     }
 
@@ -138,6 +159,8 @@ impl ReplyDocument {
             worker_id,
             rate_limit: None,
             deferred: None,
+            batch_size: None,
+            degraded: None,
         }
     }
 
@@ -160,6 +183,8 @@ impl ReplyDocument {
             worker_id,
             rate_limit,
             deferred: Some(deferral),
+            batch_size: None,
+            degraded: None,
         }
     }
 

@@ -149,6 +149,9 @@ pub struct GenerationRequest {
     pub deadline: Option<OffsetDateTime>,
     /// When the producer created the request.
     pub created_at: Option<OffsetDateTime>,
+    /// A cap on the output's longer side set by the worker, not the producer (degraded service
+    /// under overload); `None` from parsing.
+    pub size_cap: Option<u32>,
 }
 
 /// What could be recovered from a request that failed to parse, so the error reply can still
@@ -249,6 +252,7 @@ impl GenerationRequest {
             image: doc.image.decode("image")?,
             deadline,
             created_at,
+            size_cap: None,
         })
     }
 }

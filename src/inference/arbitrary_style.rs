@@ -11,7 +11,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 
 use super::manifest::{ArbitraryStyleSpec, Manifest};
-use super::{output_size, Finish, ModelInput, Prepared};
+use super::{request_output_size, Finish, ModelInput, Prepared};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 use crate::imaging::{centre_square, decode_rgb, fit_long_side, resize_rgb, tensor, Layout, ValueRange};
 
@@ -39,7 +39,7 @@ pub fn prepare(
     let limits = &manifest.limits;
     let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
     let style_image = decode_rgb(style_bytes, &limits.decode_limits(), "params.style_image")?;
-    let output = output_size(limits, params.size, photo.dimensions())?;
+    let output = request_output_size(limits, request, photo.dimensions())?;
 
     let side = spec.content_size;
     let (work_w, work_h) = fit_long_side(photo.width(), photo.height(), side);

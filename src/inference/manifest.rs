@@ -28,6 +28,10 @@ pub struct Manifest {
     /// The folder the manifest was read from (not in the file).
     #[serde(skip)]
     pub dir: PathBuf,
+    /// Tensor sides are padded up to a multiple of this (from `batching.shape_bucket`, not in the
+    /// file); 0 until the registry sets it, which means `limits.multiple_of`.
+    #[serde(skip)]
+    pub shape_bucket: u32,
 }
 
 /// The kinds of pipeline kiln knows how to drive.

@@ -4,12 +4,14 @@
 //! - [`registry`]: the models this worker serves; turns a request into a [`Prepared`] input.
 //! - [`runtime`]: ONNX Runtime, the execution provider (CPU or CUDA, never a silent fallback).
 //! - [`engine`]: the dedicated inference thread that owns every session.
+//! - [`batcher`]: which waiting requests run together, and which go first (tiers by weight).
 //! - [`style_bank`], [`arbitrary_style`]: the two pipeline kinds.
 //!
 //! Preparation ([`ModelRegistry::prepare`]) and finishing ([`Finish::apply`]) are CPU work for
 //! blocking threads; only the model run happens on the inference thread.
 
 pub mod arbitrary_style;
+pub mod batcher;
 pub mod engine;
 pub mod manifest;
 pub mod registry;
@@ -18,12 +20,13 @@ pub mod style_bank;
 
 use image::RgbImage;
 
-pub use engine::{InferenceEngine, InferenceError, InferenceHandle};
+pub use batcher::{BatchKey, BatchLimits};
+pub use engine::{EngineOptions, EngineSnapshot, InferenceEngine, InferenceError, InferenceHandle, JobOptions};
 pub use manifest::Manifest;
 pub use registry::ModelRegistry;
 pub use runtime::{ActiveProvider, Runtime, StartupError};
 
-use crate::domain::{ErrorCode, RequestError};
+use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 use crate::imaging::{resize_rgb, tensor, Layout, ValueRange};
 use manifest::ModelLimits;
 
@@ -43,6 +46,19 @@ pub enum ModelInput {
     StyleBank(style_bank::StyleBankInput),
     /// For an `arbitrary_style` model.
     ArbitraryStyle(arbitrary_style::ArbitraryStyleInput),
+}
+
+impl ModelInput {
+    /// The tensor size of this input (width, height): requests batch together only when equal.
+    pub fn shape(&self) -> (u32, u32) {
+        match self {
+            Self::StyleBank(i) => (i.width, i.height),
+            Self::ArbitraryStyle(i) => {
+                let side = (i.content.len() / 3).isqrt() as u32;
+                (side, side)
+            }
+        }
+    }
 }
 
 /// How one output tensor becomes the result image.
@@ -80,6 +96,24 @@ impl Finish {
         }
         resize_rgb(&image, self.output.0, self.output.1)
     }
+}
+
+/// The output size for a request, with the worker's own cap (overload) applied when it has one.
+fn request_output_size(
+    limits: &ModelLimits,
+    request: &GenerationRequest,
+    dims: (u32, u32),
+) -> Result<(u32, u32), RequestError> {
+    let size = request.params.size;
+    let size = match request.size_cap {
+        // An invalid `size` stays invalid: the cap never turns a refusal into an image.
+        Some(cap) if size.is_none_or(|s| s <= limits.max_side) => {
+            let natural = size.unwrap_or_else(|| dims.0.max(dims.1).min(limits.default_max_side));
+            Some(natural.min(cap).max(limits.min_side))
+        }
+        _ => size,
+    };
+    output_size(limits, size, dims)
 }
 
 /// The output size for a request: `size` as the longer side (checked against the model's limits),

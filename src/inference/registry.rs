@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use super::manifest::{Manifest, PipelineSpec};
 use super::{arbitrary_style, style_bank, Prepared};
-use crate::configuration::ModelSettings;
+use crate::configuration::{BatchingSettings, ModelSettings};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 
 /// Manifests of the enabled models. Cheap to share; the sessions live on the inference thread.
@@ -18,16 +18,26 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     /// Read the manifest of every enabled model. A missing or invalid one is a startup error.
-    pub fn load(settings: &ModelSettings) -> anyhow::Result<Self> {
+    pub fn load(settings: &ModelSettings, batching: &BatchingSettings) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !settings.enabled.is_empty(),
             "models.enabled is empty: there would be nothing to serve"
         );
         let mut models = BTreeMap::new();
         for name in &settings.enabled {
+            if let Some(unknown) = batching.models.keys().find(|m| !settings.enabled.contains(m)) {
+                anyhow::bail!("batching.models.{unknown} names a model that is not enabled");
+            }
             let dir = settings.dir.join(name);
-            let manifest =
+            let mut manifest =
                 Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
+            let bucket = batching.shape_bucket(name);
+            let multiple = manifest.limits.multiple_of;
+            anyhow::ensure!(
+                bucket >= 1 && bucket % multiple == 0,
+                "batching.shape_bucket for {name} is {bucket}: it must be a multiple of the model's limits.multiple_of ({multiple})"
+            );
+            manifest.shape_bucket = bucket;
             anyhow::ensure!(
                 manifest.name == *name,
                 "{} declares name {:?}; the folder and the name must agree",
@@ -65,7 +75,7 @@ impl ModelRegistry {
         }
         let limits = &manifest.limits;
         let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
-        let (w, h) = super::output_size(limits, request.params.size, dims)?;
+        let (w, h) = super::request_output_size(limits, request, dims)?;
         Ok(u64::from(w) * u64::from(h))
     }
 

@@ -8,7 +8,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 
 use super::manifest::{Manifest, StyleBankSpec};
-use super::{output_size, Finish, ModelInput, Prepared};
+use super::{request_output_size, Finish, ModelInput, Prepared};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError, StyleChoice};
 use crate::imaging::{decode_rgb, resize_rgb, tensor};
 
@@ -35,13 +35,13 @@ pub fn prepare(
     let params = &request.params;
     let limits = &manifest.limits;
     let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
-    let (width, height) = output_size(limits, params.size, photo.dimensions())?;
+    let (width, height) = request_output_size(limits, request, photo.dimensions())?;
     let photo = resize_rgb(&photo, width, height);
 
-    let (tensor_w, tensor_h) = (
-        round_up(width, limits.multiple_of),
-        round_up(height, limits.multiple_of),
-    );
+    // Padded up to the shape bucket, so that requests of nearby sizes share a batch (the padding
+    // is reflected picture, cropped off afterwards).
+    let bucket = manifest.shape_bucket.max(limits.multiple_of);
+    let (tensor_w, tensor_h) = (round_up(width, bucket), round_up(height, bucket));
     let mut image = vec![0.0; 3 * tensor_w as usize * tensor_h as usize];
     tensor::write_tensor(&photo, tensor_w, tensor_h, spec.layout, spec.value_range, &mut image);
 

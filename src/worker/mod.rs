@@ -23,13 +23,16 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::amqp::publisher::{deferrals, ReplyPublisher};
+use crate::amqp::topology::RequestQueue;
 use crate::amqp::Topology;
 use crate::configuration::{FaultSettings, RequestLimits};
 use crate::cpu_pool::{CpuPool, CpuTaskError};
+use crate::domain::reply::Degraded;
 use crate::domain::{Deferral, ErrorCode, GenerationRequest, ImageInfo, RequestError, Timings};
 use crate::imaging::encode_png;
-use crate::inference::{InferenceError, InferenceHandle, ModelRegistry};
+use crate::inference::{InferenceError, InferenceHandle, JobOptions, ModelRegistry};
 use crate::rate_limit::Limiter;
+use crate::scheduling::{OverloadAction, Schedule, TierClass};
 use admission::Admission;
 pub use reply::INVALID_ROUTING_KEY;
 use reply::{Rendered, ReplyTarget};
@@ -54,6 +57,8 @@ pub struct Services {
     pub limits: RequestLimits,
     /// Deliberate faults (tests only).
     pub faults: FaultSettings,
+    /// Priorities, default deadlines and overload policy by tier.
+    pub schedule: Arc<Schedule>,
 }
 
 /// Handles deliveries. Cheap to clone: one per connection session, shared by all delivery tasks.
@@ -69,19 +74,20 @@ impl Worker {
         Self { services, publisher }
     }
 
-    /// Handle one delivery completely: reply (or defer), then settle it with the broker.
-    pub async fn handle(&self, delivery: Delivery) -> Outcome {
+    /// Handle one delivery from `queue` completely: reply (or defer), then settle it with the broker.
+    pub async fn handle(&self, delivery: Delivery, queue: &RequestQueue) -> Outcome {
         let span = tracing::info_span!(
             "request",
             request_id = tracing::field::Empty,
             user_id = tracing::field::Empty,
             model = tracing::field::Empty,
+            tier = tracing::field::Empty,
             redelivered = delivery.redelivered,
         );
-        self.handle_inner(delivery).instrument(span).await
+        self.handle_inner(delivery, queue).instrument(span).await
     }
 
-    async fn handle_inner(&self, delivery: Delivery) -> Outcome {
+    async fn handle_inner(&self, delivery: Delivery, queue: &RequestQueue) -> Outcome {
         let received = Instant::now();
         let received_at = OffsetDateTime::now_utc();
         let mut timings = Timings::default();
@@ -90,24 +96,45 @@ impl Worker {
         let (target, rendered) = match GenerationRequest::parse(&delivery.data, self.services.limits.max_message_bytes)
         {
             Err((error, partial)) => (ReplyTarget::from(partial), Err(error)),
-            Ok(request) => {
+            Ok(mut request) => {
                 let span = tracing::Span::current();
                 span.record("request_id", request.request_id.as_str());
                 span.record("user_id", request.user_id.as_str());
                 span.record("model", request.model.as_str());
                 let enqueued = request.created_at.or_else(|| amqp_timestamp(&delivery));
-                timings.queue_wait = enqueued.map(|t| ((received_at - t).as_seconds_f64() * 1000.0).max(0.0));
+                let queue_wait = enqueued.map(|t| (received_at - t).max(time::Duration::ZERO));
+                timings.queue_wait = queue_wait.map(|w| w.as_seconds_f64() * 1000.0);
                 let mut target = ReplyTarget {
                     request_id: Some(request.request_id.to_string()),
                     model: Some(request.model.clone()),
                     rate_limit: None,
+                    batch_size: None,
+                    degraded: None,
                 };
-                let admission = match past_deadline(&request) {
+                // The queue's tier until the limiter says whose request this really is.
+                let schedule = &self.services.schedule;
+                let mut class = schedule.class_of(queue.tier.as_deref());
+                let since = enqueued.unwrap_or(received_at);
+                let overloaded = schedule.overloaded(queue_wait.and_then(|w| w.try_into().ok()));
+                let admission = match past_deadline(&request, schedule.class(class), since) {
                     Some(expired) => Admission::Refuse {
                         error: expired,
                         rate_limit: None,
                     },
+                    None if overloaded && schedule.class(class).overload == OverloadAction::Defer => {
+                        Admission::Defer {
+                            deferral: Deferral {
+                                retry_after_ms: schedule.overload.defer_ms,
+                                reason: "overloaded".to_owned(),
+                                count: deferrals(&delivery) + 1,
+                            },
+                            rate_limit: None,
+                        }
+                    }
                     None => {
+                        if overloaded && schedule.class(class).overload == OverloadAction::Degrade {
+                            request.size_cap = Some(schedule.overload.degrade_max_side);
+                        }
                         let limiter = self.services.limiter.as_deref();
                         admission::admit(limiter, &self.services.registry, &request, deferrals(&delivery)).await
                     }
@@ -118,9 +145,22 @@ impl Worker {
                         rate_limit,
                     } => {
                         lease = held;
+                        if let Some(info) = &rate_limit {
+                            class = schedule.class_of(Some(info.tier.as_str()));
+                        }
+                        span.record("tier", schedule.class(class).tier.as_str());
                         target.rate_limit = rate_limit;
-                        match self.render(request, &mut timings).await {
-                            Ok(rendered) => (target, rendered),
+                        if request.size_cap.is_some() {
+                            target.degraded = Some(Degraded {
+                                max_side: schedule.overload.degrade_max_side,
+                                reason: "overloaded".into(),
+                            });
+                        }
+                        match self.render(request, class, since, &mut timings).await {
+                            Ok((rendered, batch_size)) => {
+                                target.batch_size = batch_size;
+                                (target, rendered)
+                            }
                             Err(InferenceError::Unavailable) => {
                                 // The inference thread is gone: this worker cannot serve anyone.
                                 let outcome =
@@ -128,6 +168,13 @@ impl Worker {
                                 self.release(lease).await;
                                 return outcome;
                             }
+                            Err(InferenceError::Expired(late)) => (
+                                target,
+                                Err(RequestError::new(
+                                    ErrorCode::Expired,
+                                    format!("the deadline passed {late:.3} s before the device was free"),
+                                )),
+                            ),
                             Err(InferenceError::Failed(message)) => {
                                 (target, Err(RequestError::new(ErrorCode::InferenceFailed, message)))
                             }
@@ -139,7 +186,7 @@ impl Worker {
                     }
                     Admission::Defer { deferral, rate_limit } => {
                         target.rate_limit = rate_limit;
-                        return self.defer(&delivery, &request, target, deferral, timings).await;
+                        return self.defer(&delivery, queue, &request, target, deferral, timings).await;
                     }
                 }
             }
@@ -175,21 +222,24 @@ impl Worker {
     async fn defer(
         &self,
         delivery: &Delivery,
+        queue: &RequestQueue,
         request: &GenerationRequest,
         target: ReplyTarget,
         mut deferral: Deferral,
         timings: Timings,
     ) -> Outcome {
-        let (queue, wait_ms) = self.services.topology.delay_queue_for(deferral.retry_after_ms);
+        let (delay_queue, wait_ms) = self.services.topology.delay_queue_for(deferral.retry_after_ms);
         deferral.retry_after_ms = wait_ms;
         let back_at = OffsetDateTime::now_utc() + std::time::Duration::from_millis(wait_ms);
         if request.deadline.is_some_and(|deadline| deadline < back_at) {
             let error = RequestError::new(
                 ErrorCode::RateLimited,
-                format!(
-                    "over a {} limit, and waiting {wait_ms} ms would pass the request's deadline",
-                    deferral.reason
-                ),
+                match deferral.reason.as_str() {
+                    "overloaded" => format!(
+                        "the worker is overloaded, and waiting {wait_ms} ms would pass the request's deadline"
+                    ),
+                    reason => format!("over a {reason} limit, and waiting {wait_ms} ms would pass the request's deadline"),
+                },
             );
             let reply = reply::final_reply(
                 delivery,
@@ -201,7 +251,7 @@ impl Worker {
             let published = self.publisher.publish(reply).await;
             return settle::after_reply(delivery, published, Some(ErrorCode::RateLimited)).await;
         }
-        let copied = self.publisher.defer(delivery, queue, deferral.count).await;
+        let copied = self.publisher.defer(delivery, delay_queue, deferral.count, &queue.name).await;
         if matches!(copied, Ok(crate::amqp::PublishOutcome::Confirmed)) {
             tracing::info!(reason = %deferral.reason, wait_ms, count = deferral.count, "deferred");
             let notice = reply::deferred_notice(delivery, target, deferral, self.services.worker_id.to_string());
@@ -219,8 +269,15 @@ impl Worker {
         }
     }
 
-    /// Preparation, inference, finishing, PNG.
-    async fn render(&self, request: GenerationRequest, timings: &mut Timings) -> Result<Rendered, InferenceError> {
+    /// Preparation, inference (in the next batch that fits, by the tier's priority), finishing, PNG.
+    /// Also returns the size of the batch the request ran in.
+    async fn render(
+        &self,
+        request: GenerationRequest,
+        class: usize,
+        since: OffsetDateTime,
+        timings: &mut Timings,
+    ) -> Result<(Rendered, Option<usize>), InferenceError> {
         let started = Instant::now();
         let registry = Arc::clone(&self.services.registry);
         let model = request.model.clone();
@@ -231,18 +288,24 @@ impl Worker {
             .await
         {
             Ok(Ok(prepared)) => prepared,
-            Ok(Err(error)) => return Ok(Err(error)),
-            Err(failure) => return Ok(Err(internal(&failure))),
+            Ok(Err(error)) => return Ok((Err(error), None)),
+            Err(failure) => return Ok((Err(internal(&failure)), None)),
         };
         timings.preprocess = ms(started.elapsed());
         let (prepared, request) = prepared;
+        let tier = self.services.schedule.class(class);
         // Preparation can take a while for big images; check the deadline again before the device.
-        if let Some(expired) = past_deadline(&request) {
-            return Ok(Err(expired));
+        if let Some(expired) = past_deadline(&request, tier, since) {
+            return Ok((Err(expired), None));
         }
-
-        let inferred = self.services.inference.infer(&model, prepared.input).await?;
+        let options = JobOptions {
+            class,
+            deadline: effective_deadline(&request, tier, since).map(instant_of),
+        };
+        let inferred = self.services.inference.infer(&model, prepared.input, options).await?;
         timings.inference = ms(inferred.elapsed);
+        timings.batch_wait = Some(ms(inferred.waited));
+        let batch_size = inferred.batch_size;
 
         let started = Instant::now();
         let finish = prepared.finish;
@@ -262,18 +325,35 @@ impl Worker {
             })
             .await;
         timings.encode = ms(started.elapsed());
-        Ok(encoded.map_err(|failure| internal(&failure)))
+        Ok((encoded.map_err(|failure| internal(&failure)), Some(batch_size)))
     }
 }
 
-fn past_deadline(request: &GenerationRequest) -> Option<RequestError> {
-    let deadline = request.deadline?;
+/// The request's own deadline, or its tier's default counted from `since` (its creation).
+fn effective_deadline(request: &GenerationRequest, tier: &TierClass, since: OffsetDateTime) -> Option<OffsetDateTime> {
+    request
+        .deadline
+        .or_else(|| tier.default_deadline.map(|d| since + d))
+}
+
+/// The monotonic instant of a wall-clock time (now, if it is already past).
+fn instant_of(at: OffsetDateTime) -> Instant {
+    let ahead = (at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+    Instant::now() + std::time::Duration::try_from(ahead).unwrap_or_default()
+}
+
+fn past_deadline(request: &GenerationRequest, tier: &TierClass, since: OffsetDateTime) -> Option<RequestError> {
+    let deadline = effective_deadline(request, tier, since)?;
     let now = OffsetDateTime::now_utc();
     (now > deadline).then(|| {
         let late = (now - deadline).as_seconds_f64();
+        let whose = match request.deadline {
+            Some(_) => "the deadline".to_owned(),
+            None => format!("the {} tier's default deadline", tier.tier),
+        };
         RequestError::new(
             ErrorCode::Expired,
-            format!("the deadline passed {late:.3} s before rendering could start"),
+            format!("{whose} passed {late:.3} s before rendering could start"),
         )
     })
 }

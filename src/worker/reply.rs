@@ -3,7 +3,10 @@
 use lapin::message::Delivery;
 
 use crate::amqp::{OutgoingReply, ReplyRoute};
-use crate::domain::{Deferral, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, RequestError, Timings};
+use crate::domain::reply::Degraded;
+use crate::domain::{
+    Deferral, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError, Timings,
+};
 
 /// Routing key on the results exchange for replies to requests whose id could not be read.
 /// It cannot collide with a valid request id, which never contains `/`.
@@ -18,6 +21,8 @@ pub(super) struct ReplyTarget {
     pub request_id: Option<String>,
     pub model: Option<String>,
     pub rate_limit: Option<LimitInfo>,
+    pub batch_size: Option<usize>,
+    pub degraded: Option<Degraded>,
 }
 
 impl From<PartialRequest> for ReplyTarget {
@@ -25,7 +30,7 @@ impl From<PartialRequest> for ReplyTarget {
         Self {
             request_id: partial.request_id.map(|id| id.to_string()),
             model: partial.model,
-            rate_limit: None,
+            ..Self::default()
         }
     }
 }
@@ -80,6 +85,10 @@ pub(super) fn final_reply(
         ),
     };
     document.rate_limit = target.rate_limit;
+    if document.status == ReplyStatus::Ok {
+        document.batch_size = target.batch_size;
+        document.degraded = target.degraded;
+    }
     let body = if body.is_empty() { json(&document) } else { body };
     OutgoingReply {
         route,

@@ -45,10 +45,13 @@ fn examples(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_worker_accepts_every_valid_example_and_refuses_every_invalid_one() {
-    let registry = ModelRegistry::load(&ModelSettings {
-        dir: repo().join("models"),
-        ..Default::default()
-    })
+    let registry = ModelRegistry::load(
+        &ModelSettings {
+            dir: repo().join("models"),
+            ..Default::default()
+        },
+        &Default::default(),
+    )
     .unwrap();
     let check = |body: &[u8]| -> Result<(), String> {
         let request = GenerationRequest::parse(body, 1 << 20).map_err(|(e, _)| e.to_string())?;

@@ -80,7 +80,7 @@ async fn the_binary_exits_with_the_reason_and_logs_a_fallback_loudly() {
         "model loaded and worker ready both say so"
     );
     drop(fallback);
-    crate::helpers::delete_topology(&kiln::amqp::Topology::new(&settings.amqp.topology)).await;
+    crate::helpers::delete_topology(&kiln::amqp::Topology::for_settings(&settings)).await;
 }
 
 #[test]

@@ -89,7 +89,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
 impl TestApp {
     /// Start a worker with exactly these settings (it may still be connecting when this returns).
     pub async fn start(settings: Settings) -> Self {
-        let topology = Topology::new(&settings.amqp.topology);
+        let topology = Topology::for_settings(&settings);
         let build_settings = settings.clone();
         let app = tokio::task::spawn_blocking(move || Application::build(build_settings))
             .await
@@ -113,8 +113,10 @@ impl TestApp {
         loop {
             // A passive declare of a missing queue closes the channel: use a fresh one each time.
             let channel = admin_channel().await;
+            // Consumers start in the order of `request_queues`: the last one means all of them.
+            let last = &self.topology.request_queues.last().expect("a request queue").name;
             if let Ok(q) = channel
-                .queue_declare(self.topology.requests.as_str().into(), passive(), FieldTable::default())
+                .queue_declare(last.as_str().into(), passive(), FieldTable::default())
                 .await
             {
                 if q.consumer_count() > 0 {
@@ -213,15 +215,22 @@ pub async fn ready_messages(queue: &str) -> u32 {
 pub async fn delete_topology(topology: &Topology) {
     let channel = admin_channel().await;
     let delay_queues = topology.delay_queues.iter().map(|(_, name)| name);
-    for queue in [&topology.requests, &topology.dead_letter_queue]
+    let request_queues = topology.request_queues.iter().map(|q| &q.name);
+    for queue in [&topology.dead_letter_queue]
         .into_iter()
+        .chain(request_queues)
         .chain(delay_queues)
     {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in [&topology.results, &topology.dead_letter_exchange] {
+    for exchange in [
+        &topology.results,
+        &topology.dead_letter_exchange,
+        &topology.requeue_exchange,
+        &topology.requeue_fallback,
+    ] {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), Default::default())
             .await;

@@ -1,13 +1,9 @@
 //! The worker's step function: one delivery in, one outcome out, no consumer loop and no sleeps.
 
-use std::sync::Arc;
-
 use kiln::amqp::{ReplyPublisher, Topology};
-use kiln::configuration::{FaultSettings, RequestLimits};
-use kiln::cpu_pool::CpuPool;
 use kiln::domain::{ErrorCode, WireStyle};
-use kiln::inference::{InferenceEngine, ModelRegistry, Runtime};
-use kiln::worker::{Outcome, Services, Worker};
+use kiln::startup::Application;
+use kiln::worker::{Outcome, Worker};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -42,23 +38,17 @@ async fn publish_and_take(channel: &Channel, queue: &str, body: Vec<u8>, reply_t
 #[tokio::test]
 async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     let settings = test_settings();
-    let topology = Topology::new(&settings.amqp.topology);
-    let registry = Arc::new(ModelRegistry::load(&settings.models).unwrap());
-    let runtime = Runtime::init(&settings.inference).unwrap();
-    let engine = InferenceEngine::start(&registry, runtime, 4, false).unwrap();
+    let mut settings = settings;
+    settings.models.warmup = false;
+    settings.worker.cpu_threads = 1;
+    settings.worker.id = Some("step-worker".into());
+    let app = Application::build(settings.clone()).unwrap();
+    let services = app.services();
+    let topology = Topology::for_settings(&settings);
+    let queue = topology.request_queues[0].clone();
     let connection = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology.declare(&channel).await.unwrap();
-    let services = Services {
-        registry,
-        inference: engine.handle(),
-        cpu: Arc::new(CpuPool::new(1, 0).unwrap()),
-        limiter: None,
-        topology: Arc::new(topology.clone()),
-        worker_id: "step-worker".into(),
-        limits: RequestLimits::default(),
-        faults: FaultSettings::default(),
-    };
     let worker = Worker::new(
         services,
         ReplyPublisher::open(&connection, &topology.results).await.unwrap(),
@@ -70,19 +60,19 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
 
     let ok = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(3)))).unwrap();
     let delivery = publish_and_take(&channel, &topology.requests, ok.clone(), replies).await;
-    assert_eq!(worker.handle(delivery).await, Outcome::Replied { error: None });
+    assert_eq!(worker.handle(delivery, &queue).await, Outcome::Replied { error: None });
 
     let bad = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(30)))).unwrap();
     let delivery = publish_and_take(&channel, &topology.requests, bad, replies).await;
     assert_eq!(
-        worker.handle(delivery).await,
+        worker.handle(delivery, &queue).await,
         Outcome::Replied {
             error: Some(ErrorCode::UnknownStyle)
         }
     );
 
     let delivery = publish_and_take(&channel, &topology.requests, ok, "no-such-reply-queue").await;
-    assert!(matches!(worker.handle(delivery).await, Outcome::DeadLettered { .. }));
+    assert!(matches!(worker.handle(delivery, &queue).await, Outcome::DeadLettered { .. }));
 
     // Two replies waiting, one dead letter, nothing left unsettled.
     let count = |q: &str| {
@@ -115,6 +105,6 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     }
     drop(worker);
     let _ = connection.close(200, "done".into()).await;
-    engine.join();
+    drop(app);
     delete_topology(&topology).await;
 }
