@@ -306,7 +306,9 @@ pub struct BatchingSettings {
     /// the device is never idle and batches fill without waiting. Default 2 ms.
     pub max_queue_delay_ms: u64,
     /// Tensor sides are padded (reflect) up to a multiple of this many pixels, so requests of
-    /// nearby sizes share a batch. A multiple of the model's `limits.multiple_of`. Default 32.
+    /// nearby sizes can share a batch; a multiple of the model's `limits.multiple_of`, or 0 for
+    /// exactly that multiple. Default 0: for the style models coarser padding changes the whole
+    /// picture (PSNR 20–25 dB at bucket 32, BENCHMARKS.md), so only equal sizes batch together.
     pub shape_bucket: u32,
     /// Per-model overrides, by model name (`[batching.models.multistyle26]`).
     pub models: std::collections::BTreeMap<String, ModelBatching>,
@@ -317,7 +319,7 @@ impl Default for BatchingSettings {
         Self {
             max_batch_size: 4,
             max_queue_delay_ms: 2,
-            shape_bucket: 32,
+            shape_bucket: 0,
             models: Default::default(),
         }
     }

@@ -119,10 +119,17 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Resolve settings against the tier names; names that are not tiers are errors.
+    /// Resolve settings against the tier names. A name that is not a tier is an error, except in a
+    /// table left at its default (which names the default tiers, and may meet other tiers).
     pub fn new(settings: &SchedulingSettings, tiers: &[&str], default_tier: &str) -> anyhow::Result<Self> {
+        let defaults = SchedulingSettings::default();
         let known = |what: &str, names: &mut dyn Iterator<Item = &String>| -> anyhow::Result<()> {
-            for name in names {
+            let left_default = match what {
+                "weights" => settings.weights == defaults.weights,
+                "deadlines_ms" => settings.deadlines_ms == defaults.deadlines_ms,
+                _ => settings.overload.actions == defaults.overload.actions,
+            };
+            for name in names.filter(|_| !left_default) {
                 ensure!(
                     tiers.contains(&name.as_str()),
                     "scheduling.{what} names {name:?}, which is not a tier; tiers: {}",
@@ -234,8 +241,18 @@ mod tests {
         settings.weights.insert("free".into(), 0.0);
         assert!(Schedule::new(&settings, &TIERS, "free").is_err());
         let mut settings = SchedulingSettings::default();
-        settings.overload.actions.insert("platinum".into(), OverloadAction::Defer);
+        settings
+            .overload
+            .actions
+            .insert("platinum".into(), OverloadAction::Defer);
         assert!(Schedule::new(&settings, &TIERS, "free").is_err());
+    }
+
+    #[test]
+    fn defaults_meet_other_tiers_without_complaint() {
+        let s = Schedule::new(&SchedulingSettings::default(), &["basic", "free"], "basic").unwrap();
+        assert_eq!(s.class(s.class_of(Some("basic"))).weight, 1.0);
+        assert_eq!(s.class(s.class_of(Some("free"))).overload, OverloadAction::Defer);
     }
 
     #[test]

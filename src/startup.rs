@@ -23,8 +23,8 @@ use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::manifest::PipelineSpec;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
-use crate::scheduling::Schedule;
 use crate::rate_limit::Limiter;
+use crate::scheduling::Schedule;
 use crate::worker::{Outcome, Services, Worker};
 
 /// A worker process: models loaded, ready to connect.
@@ -167,9 +167,10 @@ impl Application {
             .iter()
             .map(|(channel, consumer, _)| (channel.clone(), consumer.tag().to_string()))
             .collect();
-        let mut deliveries = futures_util::stream::select_all(consumers.into_iter().map(|(_, consumer, queue)| {
-            consumer.map(move |next| next.map(|delivery| (delivery, Arc::clone(&queue))))
-        }));
+        let mut deliveries =
+            futures_util::stream::select_all(consumers.into_iter().map(|(_, consumer, queue)| {
+                consumer.map(move |next| next.map(|delivery| (delivery, Arc::clone(&queue))))
+            }));
 
         let worker = Worker::new(self.services.clone(), publisher);
         tracing::info!(

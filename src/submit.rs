@@ -28,6 +28,8 @@ pub struct Reply {
     pub correlation_id: Option<String>,
     /// All of the reply's headers (`kiln-reply`, `kiln-status`, `x-ratelimit-*`, `retry-after`).
     pub headers: FieldTable,
+    /// When this producer received it.
+    pub received_at: std::time::Instant,
 }
 
 /// Sends requests and receives their replies on a private queue.
@@ -149,6 +151,7 @@ impl Producer {
             body: delivery.data,
             correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
             headers,
+            received_at: std::time::Instant::now(),
         })
     }
 
@@ -156,6 +159,34 @@ impl Producer {
     pub async fn request(&mut self, request: &RequestDocument, timeout: Duration) -> anyhow::Result<Reply> {
         self.send(request).await?;
         self.reply_to(&request.request_id, timeout).await
+    }
+
+    /// Send several requests at once and wait for every final reply; replies come back in the order
+    /// of `requests`, whatever order they arrived in.
+    pub async fn request_many(
+        &mut self,
+        requests: &[RequestDocument],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Reply>> {
+        for request in requests {
+            self.send(request).await?;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut replies: std::collections::HashMap<String, Reply> = std::collections::HashMap::new();
+        while replies.len() < requests.len() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reply = self.next_reply(left).await?;
+            if !reply.document.is_final() {
+                continue;
+            }
+            if let Some(id) = reply.correlation_id.clone() {
+                replies.insert(id, reply);
+            }
+        }
+        requests
+            .iter()
+            .map(|r| replies.remove(&r.request_id).context("a reply for every request"))
+            .collect()
     }
 
     /// Wait for the final reply with this correlation id, skipping replies to other requests and

@@ -212,7 +212,11 @@ impl Topology {
             .await?;
         for queue in &self.request_queues {
             channel
-                .queue_declare(queue.name.as_str().into(), durable_queue, self.request_queue_arguments())
+                .queue_declare(
+                    queue.name.as_str().into(),
+                    durable_queue,
+                    self.request_queue_arguments(),
+                )
                 .await?;
             let mut match_args = FieldTable::default();
             match_args.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
@@ -268,7 +272,11 @@ mod tests {
     #[test]
     fn every_tier_has_its_queue_after_the_shared_one() {
         let t = Topology::with_tiers(&TopologySettings::default(), ["free", "pro"]);
-        let names: Vec<_> = t.request_queues.iter().map(|q| (q.name.as_str(), q.tier.as_deref())).collect();
+        let names: Vec<_> = t
+            .request_queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.tier.as_deref()))
+            .collect();
         assert_eq!(
             names,
             [

@@ -161,7 +161,10 @@ impl<J: Batchable> Batcher<J> {
                 break;
             };
             let queue = &mut self.queues[class];
-            let index = queue.iter().position(|j| j.key() == key).expect("first_class found one");
+            let index = queue
+                .iter()
+                .position(|j| j.key() == key)
+                .expect("first_class found one");
             batch.push(queue.remove(index).expect("index is in range"));
             self.clock = self.pass[class];
             self.pass[class] += 1.0 / self.weights[class];
@@ -340,7 +343,10 @@ mod tests {
             }
         }
         let share = served[1] as f64 / (served[0] + served[1]) as f64;
-        assert!((share - 0.2).abs() < 0.01, "free got {share} of the device, want 1/5: {served:?}");
+        assert!(
+            (share - 0.2).abs() < 0.01,
+            "free got {share} of the device, want 1/5: {served:?}"
+        );
     }
 
     #[test]

@@ -379,7 +379,7 @@ fn serve(
             Next::Run(batch) => run_batch(&mut runners, batch, stats),
             Next::WaitUntil(at) => {
                 let wait = at.saturating_duration_since(now);
-                match timer.block_on(tokio::time::timeout(wait, queue.recv())) {
+                match timer.block_on(async { tokio::time::timeout(wait, queue.recv()).await }) {
                     Ok(Some(job)) => batcher.push(job),
                     Ok(None) => open = false,
                     Err(_) => {}

@@ -31,10 +31,13 @@ impl ModelRegistry {
             let dir = settings.dir.join(name);
             let mut manifest =
                 Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
-            let bucket = batching.shape_bucket(name);
             let multiple = manifest.limits.multiple_of;
+            let bucket = match batching.shape_bucket(name) {
+                0 => multiple,
+                bucket => bucket,
+            };
             anyhow::ensure!(
-                bucket >= 1 && bucket % multiple == 0,
+                bucket % multiple == 0,
                 "batching.shape_bucket for {name} is {bucket}: it must be a multiple of the model's limits.multiple_of ({multiple})"
             );
             manifest.shape_bucket = bucket;

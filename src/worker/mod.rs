@@ -121,16 +121,14 @@ impl Worker {
                         error: expired,
                         rate_limit: None,
                     },
-                    None if overloaded && schedule.class(class).overload == OverloadAction::Defer => {
-                        Admission::Defer {
-                            deferral: Deferral {
-                                retry_after_ms: schedule.overload.defer_ms,
-                                reason: "overloaded".to_owned(),
-                                count: deferrals(&delivery) + 1,
-                            },
-                            rate_limit: None,
-                        }
-                    }
+                    None if overloaded && schedule.class(class).overload == OverloadAction::Defer => Admission::Defer {
+                        deferral: Deferral {
+                            retry_after_ms: schedule.overload.defer_ms,
+                            reason: "overloaded".to_owned(),
+                            count: deferrals(&delivery) + 1,
+                        },
+                        rate_limit: None,
+                    },
                     None => {
                         if overloaded && schedule.class(class).overload == OverloadAction::Degrade {
                             request.size_cap = Some(schedule.overload.degrade_max_side);
@@ -235,10 +233,12 @@ impl Worker {
             let error = RequestError::new(
                 ErrorCode::RateLimited,
                 match deferral.reason.as_str() {
-                    "overloaded" => format!(
-                        "the worker is overloaded, and waiting {wait_ms} ms would pass the request's deadline"
-                    ),
-                    reason => format!("over a {reason} limit, and waiting {wait_ms} ms would pass the request's deadline"),
+                    "overloaded" => {
+                        format!("the worker is overloaded, and waiting {wait_ms} ms would pass the request's deadline")
+                    }
+                    reason => {
+                        format!("over a {reason} limit, and waiting {wait_ms} ms would pass the request's deadline")
+                    }
                 },
             );
             let reply = reply::final_reply(
@@ -251,7 +251,10 @@ impl Worker {
             let published = self.publisher.publish(reply).await;
             return settle::after_reply(delivery, published, Some(ErrorCode::RateLimited)).await;
         }
-        let copied = self.publisher.defer(delivery, delay_queue, deferral.count, &queue.name).await;
+        let copied = self
+            .publisher
+            .defer(delivery, delay_queue, deferral.count, &queue.name)
+            .await;
         if matches!(copied, Ok(crate::amqp::PublishOutcome::Confirmed)) {
             tracing::info!(reason = %deferral.reason, wait_ms, count = deferral.count, "deferred");
             let notice = reply::deferred_notice(delivery, target, deferral, self.services.worker_id.to_string());
@@ -331,9 +334,7 @@ impl Worker {
 
 /// The request's own deadline, or its tier's default counted from `since` (its creation).
 fn effective_deadline(request: &GenerationRequest, tier: &TierClass, since: OffsetDateTime) -> Option<OffsetDateTime> {
-    request
-        .deadline
-        .or_else(|| tier.default_deadline.map(|d| since + d))
+    request.deadline.or_else(|| tier.default_deadline.map(|d| since + d))
 }
 
 /// The monotonic instant of a wall-clock time (now, if it is already past).

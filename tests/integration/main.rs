@@ -4,6 +4,7 @@
 mod helpers;
 
 mod bad_input;
+mod batching;
 mod contract;
 mod end_to_end;
 mod execution_provider;

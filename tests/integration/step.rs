@@ -72,7 +72,10 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     );
 
     let delivery = publish_and_take(&channel, &topology.requests, ok, "no-such-reply-queue").await;
-    assert!(matches!(worker.handle(delivery, &queue).await, Outcome::DeadLettered { .. }));
+    assert!(matches!(
+        worker.handle(delivery, &queue).await,
+        Outcome::DeadLettered { .. }
+    ));
 
     // Two replies waiting, one dead letter, nothing left unsettled.
     let count = |q: &str| {
