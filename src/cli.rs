@@ -1,4 +1,4 @@
-//! Command-line interface: `kiln worker`, `kiln submit`, `kiln models`, `kiln limits`.
+//! Command-line interface: `kiln worker`, `kiln submit`, `kiln models`, `kiln limits`, `kiln bench`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +35,9 @@ pub enum Command {
     Submit(SubmitArgs),
     /// List the models this configuration serves.
     Models,
+    /// Load-test a worker started in this process: simulated users per tier, open-loop arrivals
+    /// through the real broker and Redis; prints images/s, waits and outcomes per tier.
+    Bench(crate::loadgen::BenchArgs),
     /// Inspect and change a user's rate-limit state in Redis.
     #[command(subcommand)]
     Limits(LimitsCommand),
@@ -88,6 +91,9 @@ pub struct SubmitArgs {
     /// User id to send.
     #[arg(long, default_value = "cli-user")]
     pub user: String,
+    /// Send to this tier's request queue (`<prefix>.requests.<tier>`) instead of the shared one.
+    #[arg(long)]
+    pub tier: Option<String>,
     /// Where to write the PNG (default: next to the photo, `<name>.kiln.png`).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -104,6 +110,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             app.run_until_stopped(crate::shutdown::shutdown_signal()).await
         }
         Command::Submit(args) => submit(args, &settings).await,
+        Command::Bench(args) => crate::loadgen::run(args, settings).await.map(drop),
         Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {
             for m in ModelRegistry::load(&settings.models, &settings.batching)?.iter() {
@@ -145,7 +152,11 @@ async fn submit(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         created_at: Some(rfc3339(now)?),
         tier: None,
     };
-    let queue = Topology::new(&settings.amqp.topology).requests;
+    let topology = Topology::new(&settings.amqp.topology);
+    let queue = match &args.tier {
+        Some(tier) => topology.tier_queue(tier),
+        None => topology.requests,
+    };
     let mut producer = Producer::connect(&settings.amqp.url, &queue).await?;
     let reply = producer.request(&request, Duration::from_secs(args.timeout_secs)).await;
     producer.close().await;

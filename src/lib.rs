@@ -37,6 +37,7 @@ pub mod cpu_pool;
 pub mod domain;
 pub mod imaging;
 pub mod inference;
+pub mod loadgen;
 pub mod rate_limit;
 pub mod scheduling;
 pub mod shutdown;
