@@ -39,7 +39,6 @@ case "$flavor" in cpu|cuda) ;; *) echo "--flavor must be cpu or cuda" >&2; exit 
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-ort_version=1.31.1
 
 # Cargo puts the dev profile under target/debug and every other profile under target/<name>.
 case "$profile" in dev|debug) profile=dev; profile_dir=debug ;; *) profile_dir=$profile ;; esac

