@@ -155,7 +155,9 @@ class H(http.server.BaseHTTPRequestHandler):
         code = 200 if self.server.server_port == ok.server_port and self.path == "/healthz" else 503
         self.send_response(code); self.end_headers(); self.wfile.write(b"x")
     def log_message(self, *a): pass
-ok = http.server.HTTPServer(("127.0.0.1", 0), H); bad = http.server.HTTPServer(("127.0.0.1", 0), H)
+class S(http.server.HTTPServer):
+    def handle_error(self, *a): pass  # the check hangs up after the status line
+ok = S(("127.0.0.1", 0), H); bad = S(("127.0.0.1", 0), H)
 open(sys.argv[1], "w").write(f"{ok.server_port} {bad.server_port}\n")
 threading.Thread(target=bad.serve_forever, daemon=True).start()
 threading.Timer(60, lambda: (ok.shutdown(), bad.shutdown())).start()
@@ -179,7 +181,11 @@ scripts/services.sh
 mount_layout='mount -t tmpfs tmpfs /opt && mkdir /opt/kiln && mount --bind "$0/opt/kiln" /opt/kiln && exec "$@"'
 in_image() { unshare --mount --propagation private -- bash -c "$mount_layout" "$rootfs" "$@"; }
 in_image true || { echo "layout: cannot mount the rootfs at /opt/kiln (unshare needs root)" >&2; exit 1; }
-export KILN_CONFIG=$rootfs/etc/kiln/kiln.toml
+# The image's own settings file, by flag as in its ENTRYPOINT (KILN_CONFIG is not usable: the
+# settings loader reads every KILN_* variable as a setting, and rejects `config`).
+config=$rootfs/etc/kiln/kiln.toml
+grep -q '^ENTRYPOINT \["/opt/kiln/bin/kiln", "--config", "/etc/kiln/kiln.toml"\]' docker/Dockerfile \
+  || { echo "docker/Dockerfile: the ENTRYPOINT must pass --config /etc/kiln/kiln.toml" >&2; exit 1; }
 # A topology and key prefix of its own: declared idempotently, shared by nothing else.
 export KILN_AMQP__TOPOLOGY__PREFIX=kiln-deploy-check KILN_RATE_LIMIT__KEY_PREFIX=kiln-deploy-check
 
@@ -189,7 +195,7 @@ echo "k8s/base/kiln.toml: loads, serves $(grep -c '^[^[:space:]]' "$work/k8s-mod
 
 # Once the worker serves HTTP ([http] bind, issue 5), the health check must pass against it too.
 http_port=
-if KILN_HTTP__BIND=127.0.0.1:0 in_image /opt/kiln/bin/kiln models >/dev/null 2>"$work/http-probe.log"; then
+if KILN_HTTP__BIND=127.0.0.1:0 in_image /opt/kiln/bin/kiln --config "$config" models >/dev/null 2>"$work/http-probe.log"; then
   http_port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   export KILN_HTTP__BIND=127.0.0.1:$http_port
 else
@@ -198,7 +204,7 @@ else
 fi
 
 # Started directly (not through the function) so that $! is the worker itself: unshare and bash exec.
-unshare --mount --propagation private -- bash -c "$mount_layout" "$rootfs" /opt/kiln/bin/kiln worker \
+unshare --mount --propagation private -- bash -c "$mount_layout" "$rootfs" /opt/kiln/bin/kiln --config "$config" worker \
   > "$work/worker.log" 2>&1 &
 worker=$!
 for _ in $(seq 1 1200); do
@@ -208,7 +214,10 @@ for _ in $(seq 1 1200); do
 done
 grep -q 'worker ready' "$work/worker.log" || { cat "$work/worker.log" >&2; echo "layout: no 'worker ready' in 120 s" >&2; exit 1; }
 grep 'worker ready' "$work/worker.log" | grep -q 'multistyle26' || { cat "$work/worker.log" >&2; exit 1; }
-echo "worker: $(grep -o '"startup_seconds":[0-9.]*' "$work/worker.log" | head -1), provider $(grep -o '"provider":"[a-z]*"' "$work/worker.log" | head -1)" >&2
+# The ONNX Runtime the worker runs on is the layout's, not the checkout's runtime/.
+grep -q ' /opt/kiln/runtime/libonnxruntime.so.1.31.1$' "/proc/$worker/maps" \
+  || { grep onnxruntime "/proc/$worker/maps" >&2; echo "layout: the worker did not load /opt/kiln/runtime's ONNX Runtime" >&2; exit 1; }
+echo "worker: ready on /opt/kiln/runtime/libonnxruntime.so.1.31.1, $(grep -o '"provider":"[a-z]*"' "$work/worker.log" | head -1), $(grep -o '"startup_seconds":[0-9.]*' "$work/worker.log" | head -1)" >&2
 if [ -n "$http_port" ]; then
   for path in /healthz /readyz /metrics; do
     KILN_HEALTHCHECK_PORT=$http_port "$healthcheck" "$path" \
@@ -217,7 +226,7 @@ if [ -n "$http_port" ]; then
   echo "worker: /healthz, /readyz and /metrics answer 200 (kiln-healthcheck)" >&2
 fi
 # One real request through the broker, rendered by the layout's ONNX Runtime and models.
-"$kiln" submit samples/astronaut.jpg --style 7 --size 256 --user "deploy-check-$$-$RANDOM" \
+"$kiln" --config "$config" submit samples/astronaut.jpg --style 7 --size 256 --user "deploy-check-$$-$RANDOM" \
   --timeout-secs 60 --out "$work/out.png" > /dev/null 2> "$work/submit.log" \
   || { cat "$work/submit.log" "$work/worker.log" >&2; echo "layout: the request failed" >&2; exit 1; }
 "$py" -c 'import sys; d=open(sys.argv[1],"rb").read(24); assert d[:8]==b"\x89PNG\r\n\x1a\n", "not a PNG"; print("request: %dx%d PNG" % (int.from_bytes(d[16:20],"big"), int.from_bytes(d[20:24],"big")), file=sys.stderr)' "$work/out.png"

@@ -123,20 +123,23 @@ def check_kiln(docs: list[dict], overlay: str, rules_file: Path, secret_example:
     (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "kiln"]
     env = {e["name"]: e for e in container.get("env", [])}
 
-    # Settings: the ConfigMap's kiln.toml, mounted where KILN_CONFIG points.
+    # Settings: the ConfigMap's kiln.toml, mounted where `--config` points.
     config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
     mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-    config_path = env.get("KILN_CONFIG", {}).get("value", "")
+    args = container.get("args", [])
+    config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else ""
+    if "worker" not in args:
+        fail("Deployment", f"the container must run `kiln worker`, runs {container.get('command')} {args}")
     mount = mounts.get(str(Path(config_path).parent))
     settings: dict = {}
     if not mount:
-        fail("Deployment", f"nothing is mounted at the folder of KILN_CONFIG ({config_path!r})")
+        fail("Deployment", f"nothing is mounted at the folder of --config ({config_path!r})")
     else:
         cm_name = volumes[mount["name"]].get("configMap", {}).get("name")
         text = config_maps.get(cm_name, {}).get("data", {}).get(Path(config_path).name)
         if text is None:
-            fail("Deployment", f"KILN_CONFIG {config_path} is not a key of ConfigMap {cm_name}")
+            fail("Deployment", f"--config {config_path} is not a key of ConfigMap {cm_name}")
         else:
             settings = tomllib.loads(text)
 
