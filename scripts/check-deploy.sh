@@ -193,7 +193,7 @@ in_image /opt/kiln/bin/kiln --config "$root/k8s/base/kiln.toml" models > "$work/
   || { echo "k8s/base/kiln.toml is not a valid kiln configuration" >&2; exit 1; }
 echo "k8s/base/kiln.toml: loads, serves $(grep -c '^[^[:space:]]' "$work/k8s-models.txt") models" >&2
 
-# Once the worker serves HTTP ([http] bind, issue 5), the health check must pass against it too.
+# Once the worker serves HTTP ([http] bind), the health check must pass against it too.
 http_port=
 if KILN_HTTP__BIND=127.0.0.1:0 in_image /opt/kiln/bin/kiln --config "$config" models >/dev/null 2>"$work/http-probe.log"; then
   http_port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -229,10 +229,20 @@ fi
 "$kiln" --config "$config" submit samples/astronaut.jpg --style 7 --size 256 --user "deploy-check-$$-$RANDOM" \
   --timeout-secs 60 --out "$work/out.png" > /dev/null 2> "$work/submit.log" \
   || { cat "$work/submit.log" "$work/worker.log" >&2; echo "layout: the request failed" >&2; exit 1; }
-"$py" -c 'import sys; d=open(sys.argv[1],"rb").read(24); assert d[:8]==b"\x89PNG\r\n\x1a\n", "not a PNG"; print("request: %dx%d PNG" % (int.from_bytes(d[16:20],"big"), int.from_bytes(d[20:24],"big")), file=sys.stderr)' "$work/out.png"
+"$py" - "$work/out.png" <<'PY'
+import sys
+head = open(sys.argv[1], "rb").read(24)
+width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+if head[:8] != b"\x89PNG\r\n\x1a\n" or max(width, height) != 256:
+    sys.exit(f"layout: the reply is not a PNG of longer side 256 ({head[:8]!r}, {width}x{height})")
+print(f"request: {width}x{height} PNG from the layout's models", file=sys.stderr)
+PY
 kill -TERM "$worker"
 status=0
-timeout 40 tail --pid="$worker" -f /dev/null || true
+if ! timeout 40 tail --pid="$worker" -f /dev/null; then
+  kill -KILL "$worker" 2>/dev/null || true
+  cat "$work/worker.log" >&2; echo "layout: the worker was still running 40 s after SIGTERM" >&2; exit 1
+fi
 wait "$worker" || status=$?
 worker=
 [ "$status" = 0 ] || { cat "$work/worker.log" >&2; echo "layout: the worker exited $status on SIGTERM" >&2; exit 1; }
