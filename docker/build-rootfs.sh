@@ -79,7 +79,7 @@ for f in "$runtime"/*; do install -m 0644 "$f" "$opt/runtime/"; done
 sed "s/@EXECUTION_PROVIDER@/$flavor/" docker/kiln.toml > "$dest/etc/kiln/kiln.toml"
 chmod 0644 "$dest/etc/kiln/kiln.toml"
 
-commit=${KILN_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}
+commit=${SOURCE_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}
 {
   echo "flavor=$flavor"
   echo "cargo_profile=$profile"

@@ -143,6 +143,13 @@ missing = [p for p in paths if not p.startswith("/opt/kiln/") or not (rootfs / p
 if missing or config["inference"]["execution_provider"] != "cpu":
     sys.exit(f"layout: etc/kiln/kiln.toml names {missing or 'a wrong provider'}")
 PY
+# BUILD says what went in.
+expected_build="flavor=cpu
+cargo_profile=dev
+onnxruntime=$(cat runtime/onnxruntime-1.31.1-cpu/SOURCE)
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+[ "$(cat "$rootfs/opt/kiln/BUILD")" = "$expected_build" ] \
+  || { diff <(echo "$expected_build") "$rootfs/opt/kiln/BUILD" >&2; echo "layout: /opt/kiln/BUILD is wrong" >&2; exit 1; }
 "$kiln" --help > "$work/help.txt"
 grep -q 'worker' "$work/help.txt" || { echo "layout: kiln --help does not list the worker" >&2; exit 1; }
 echo "layout: $(cd "$rootfs" && find . -type f | wc -l) files, $(du -sh "$rootfs" | cut -f1); $("$kiln" --version)" >&2
