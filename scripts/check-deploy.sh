@@ -18,6 +18,8 @@
 #     (private mount namespace), the layout's kiln and its own config start a worker on the local
 #     broker (models loaded and warmed up on the bundled ONNX Runtime), serve one real request, and
 #     drain and exit 0 on SIGTERM. The k8s ConfigMap's kiln.toml is loaded by that same binary.
+#  6. The GPU image's layout (--flavor cuda): onnxruntime-gpu's CUDA provider is in place, needs only
+#     what the CUDA 13 + cuDNN 9 base image provides, and the worker refuses to start without a GPU.
 #
 # Tools come from scripts/deploy-tools.sh (cached outside the checkout; first run ~20 s).
 set -euo pipefail
@@ -255,6 +257,31 @@ worker=
 [ "$status" = 0 ] || { cat "$work/worker.log" >&2; echo "layout: the worker exited $status on SIGTERM" >&2; exit 1; }
 grep -q 'worker stopped' "$work/worker.log" || { cat "$work/worker.log" >&2; echo "layout: no clean stop" >&2; exit 1; }
 echo "worker: drained and exited 0 on SIGTERM" >&2
+
+# The GPU layout, as far as a machine without a GPU can tell: the onnxruntime-gpu libraries are
+# in place, the CUDA provider needs nothing but the CUDA 13 libraries the nvidia/cuda base image
+# ships (and the driver's libcuda), and the layout's worker, finding no CUDA here, refuses to start
+# (no silent CPU fallback) naming the provider in /opt/kiln/runtime.
+step "GPU image layout: docker/build-rootfs.sh --flavor cuda --no-build (no GPU here)"
+rootfs=$work/rootfs-cuda
+docker/build-rootfs.sh --flavor cuda --profile dev --no-build "$rootfs" 2> "$work/rootfs-cuda.log" || { cat "$work/rootfs-cuda.log" >&2; exit 1; }
+provider=$rootfs/opt/kiln/runtime/libonnxruntime_providers_cuda.so
+if ! { [ -s "$provider" ] && grep -q '^execution_provider = "cuda"$' "$rootfs/etc/kiln/kiln.toml" \
+       && grep -q '^onnxruntime=onnxruntime-gpu==1.31.1 ' "$rootfs/opt/kiln/BUILD"; }; then
+  echo "GPU layout: no CUDA provider, or not configured for cuda" >&2; exit 1
+fi
+# What the nvidia/cuda:13.x-cudnn-runtime image and the driver provide, and glibc/libstdc++.
+unexpected=$(objdump -p "$provider" | awk '/NEEDED/ {print $2}' \
+  | grep -Ev '^(libcublasLt\.so\.13|libcublas\.so\.13|libcurand\.so\.10|libcufft\.so\.12|libcudart\.so\.13|libcudnn[a-z_]*\.so\.9|libcuda\.so\.1|libonnxruntime_providers_shared\.so|lib(c|m|dl|rt|pthread|gcc_s|stdc\+\+)\.so\.[0-9]+|ld-linux-x86-64\.so\.2)$' || true)
+[ -z "$unexpected" ] || { echo "GPU layout: the CUDA provider needs libraries the base image lacks: $unexpected" >&2; exit 1; }
+if unshare --mount --propagation private -- bash -c "$mount_layout" "$rootfs" \
+     timeout 60 /opt/kiln/bin/kiln --config "$rootfs/etc/kiln/kiln.toml" worker > "$work/worker-cuda.log" 2>&1; then
+  echo "GPU layout: the worker started without CUDA" >&2; exit 1
+fi
+grep -q 'CUDA execution provider cannot start.*/opt/kiln/runtime/libonnxruntime_providers_cuda.so' "$work/worker-cuda.log" \
+  || { cat "$work/worker-cuda.log" >&2; echo "GPU layout: the worker did not fail on the layout's CUDA provider" >&2; exit 1; }
+echo "GPU layout: onnxruntime-gpu in place; its CUDA provider needs only $(objdump -p "$provider" | awk '/NEEDED/ && /cu/ {printf "%s ", $2}')" >&2
+echo "GPU layout: without a GPU the worker refuses to start, naming /opt/kiln/runtime/libonnxruntime_providers_cuda.so" >&2
 
 echo >&2
 echo "check-deploy: all checks passed in $((SECONDS - started)) s" >&2
