@@ -29,6 +29,12 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Logs.
     pub telemetry: TelemetrySettings,
+    /// The operators' HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+    pub http: crate::observability::HttpSettings,
+    /// The fleet heartbeat on `<prefix>.heartbeat`.
+    pub heartbeat: crate::observability::HeartbeatSettings,
+    /// GPU telemetry from NVML.
+    pub gpu: crate::observability::GpuSettings,
     /// Deliberate faults, for the tests that prove nothing is lost. Never enable in production.
     pub faults: FaultSettings,
 }
@@ -424,6 +430,8 @@ mod tests {
                 ("KILN_INFERENCE__EXECUTION_PROVIDER", "cuda"),
                 ("KILN_INFERENCE__CUDA__DEVICE_ID", "1"),
                 ("KILN_MODELS__ENABLED", "multistyle26"),
+                ("KILN_HTTP__BIND", "127.0.0.1:0"),
+                ("KILN_HEARTBEAT__INTERVAL_MS", "250"),
             ])),
         )
         .unwrap();
@@ -432,6 +440,8 @@ mod tests {
         assert_eq!(s.inference.execution_provider, ExecutionProviderKind::Cuda);
         assert_eq!(s.inference.cuda.device_id, 1);
         assert_eq!(s.models.enabled, vec!["multistyle26".to_string()]);
+        assert_eq!(s.http.bind, "127.0.0.1:0");
+        assert_eq!(s.heartbeat.interval_ms, 250);
     }
 
     #[test]

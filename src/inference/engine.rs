@@ -196,6 +196,7 @@ fn load_runners(runtime: &Runtime, manifests: &[Manifest], warmup: bool) -> anyh
                 .run(&Runner::warmup_input(manifest))
                 .map_err(|e| anyhow::anyhow!("warm-up run of {} failed: {e}", manifest.name))?;
         }
+        crate::metrics::set_model_load_seconds(&manifest.name, started.elapsed().as_secs_f64());
         tracing::info!(
             model = %manifest.name,
             provider = runtime.provider().name(),
@@ -223,6 +224,9 @@ fn serve(mut runners: HashMap<String, Runner>, mut queue: mpsc::Receiver<Job>) {
                 Err(_) => Err(InferenceError::Failed("the model run panicked".into())),
             },
         };
+        if result.is_ok() {
+            crate::metrics::observe_batch(&job.model, 1, started.elapsed().as_secs_f64());
+        }
         // The requester may have gone (its connection closed); the broker will redeliver.
         let _ = job.reply.send(result);
     }

@@ -12,6 +12,7 @@
 //! one place that maps what happened to a broker action.
 
 mod admission;
+mod observed;
 mod reply;
 pub mod settle;
 
@@ -30,7 +31,9 @@ use crate::domain::{Deferral, ErrorCode, GenerationRequest, ImageInfo, RequestEr
 use crate::imaging::encode_png;
 use crate::inference::{InferenceError, InferenceHandle, ModelRegistry};
 use crate::rate_limit::Limiter;
+use crate::trace_context::{self, TraceContext};
 use admission::Admission;
+use observed::Observed;
 pub use reply::INVALID_ROUTING_KEY;
 use reply::{Rendered, ReplyTarget};
 pub use settle::Outcome;
@@ -71,17 +74,31 @@ impl Worker {
 
     /// Handle one delivery completely: reply (or defer), then settle it with the broker.
     pub async fn handle(&self, delivery: Delivery) -> Outcome {
+        // The producer's W3C trace (or a new one): on the span, and on every reply (the publisher
+        // reads it from the task-local scope).
+        let trace = TraceContext::from_headers(delivery.properties.headers().as_ref());
         let span = tracing::info_span!(
             "request",
             request_id = tracing::field::Empty,
             user_id = tracing::field::Empty,
             model = tracing::field::Empty,
             redelivered = delivery.redelivered,
+            trace_id = %trace.own.trace_id_hex(),
+            span_id = %trace.own.span_id_hex(),
+            parent_span_id = tracing::field::Empty,
         );
-        self.handle_inner(delivery).instrument(span).await
+        if let Some(parent) = &trace.incoming {
+            span.record("parent_span_id", parent.span_id_hex());
+        }
+        let mut observed = Observed::start();
+        let outcome = trace_context::scope(trace, self.handle_inner(delivery, &mut observed))
+            .instrument(span)
+            .await;
+        observed.finish(&outcome);
+        outcome
     }
 
-    async fn handle_inner(&self, delivery: Delivery) -> Outcome {
+    async fn handle_inner(&self, delivery: Delivery, observed: &mut Observed) -> Outcome {
         let received = Instant::now();
         let received_at = OffsetDateTime::now_utc();
         let mut timings = Timings::default();
@@ -97,12 +114,13 @@ impl Worker {
                 span.record("model", request.model.as_str());
                 let enqueued = request.created_at.or_else(|| amqp_timestamp(&delivery));
                 timings.queue_wait = enqueued.map(|t| ((received_at - t).as_seconds_f64() * 1000.0).max(0.0));
+                observed.parsed(&self.services.registry, &request.model, timings.queue_wait);
                 let mut target = ReplyTarget {
                     request_id: Some(request.request_id.to_string()),
                     model: Some(request.model.clone()),
                     rate_limit: None,
                 };
-                let admission = match past_deadline(&request) {
+                let admission = match past_deadline(&request, "admission") {
                     Some(expired) => Admission::Refuse {
                         error: expired,
                         rate_limit: None,
@@ -112,6 +130,7 @@ impl Worker {
                         admission::admit(limiter, &self.services.registry, &request, deferrals(&delivery)).await
                     }
                 };
+                observed.limited(admission.rate_limit());
                 match admission {
                     Admission::Go {
                         lease: held,
@@ -145,6 +164,7 @@ impl Worker {
             }
         };
         timings.total = ms(received.elapsed());
+        observed.timings(&timings);
 
         let reply = reply::final_reply(
             &delivery,
@@ -184,6 +204,7 @@ impl Worker {
         deferral.retry_after_ms = wait_ms;
         let back_at = OffsetDateTime::now_utc() + std::time::Duration::from_millis(wait_ms);
         if request.deadline.is_some_and(|deadline| deadline < back_at) {
+            crate::metrics::record_expired("deferral");
             let error = RequestError::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -203,6 +224,7 @@ impl Worker {
         }
         let copied = self.publisher.defer(delivery, queue, deferral.count).await;
         if matches!(copied, Ok(crate::amqp::PublishOutcome::Confirmed)) {
+            crate::metrics::record_deferral(&deferral.reason);
             tracing::info!(reason = %deferral.reason, wait_ms, count = deferral.count, "deferred");
             let notice = reply::deferred_notice(delivery, target, deferral, self.services.worker_id.to_string());
             // Informational: if it cannot be delivered, the final reply will meet the same fate.
@@ -237,7 +259,7 @@ impl Worker {
         timings.preprocess = ms(started.elapsed());
         let (prepared, request) = prepared;
         // Preparation can take a while for big images; check the deadline again before the device.
-        if let Some(expired) = past_deadline(&request) {
+        if let Some(expired) = past_deadline(&request, "inference") {
             return Ok(Err(expired));
         }
 
@@ -266,10 +288,12 @@ impl Worker {
     }
 }
 
-fn past_deadline(request: &GenerationRequest) -> Option<RequestError> {
+/// The `expired` error if the deadline passed (counted at `stage`).
+fn past_deadline(request: &GenerationRequest, stage: &'static str) -> Option<RequestError> {
     let deadline = request.deadline?;
     let now = OffsetDateTime::now_utc();
     (now > deadline).then(|| {
+        crate::metrics::record_expired(stage);
         let late = (now - deadline).as_seconds_f64();
         RequestError::new(
             ErrorCode::Expired,
