@@ -483,7 +483,7 @@ mod tests {
     fn everything_gathered_is_declared() {
         observe_batch("unit-test-model", 1, 0.01);
         for family in m().registry.gather() {
-            let name = family.get_name();
+            let name = family.name();
             assert!(
                 METRIC_NAMES.contains(&name) || crate::gpu::METRIC_NAMES.contains(&name),
                 "{name} is registered but in no list of names"

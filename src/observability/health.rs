@@ -56,12 +56,22 @@ pub struct Report {
 
 /// The worker's health, shared by the session loop (which updates it) and the HTTP server and
 /// heartbeat (which read it).
-#[derive(Debug)]
 pub struct Health {
     broker: Mutex<BrokerState>,
     stopping: watch::Sender<bool>,
     models: String,
     limiter: Option<Arc<Limiter>>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("broker", &self.broker_state())
+            .field("stopping", &self.is_stopping())
+            .field("models", &self.models)
+            .field("limiter", &self.limiter.is_some())
+            .finish()
+    }
 }
 
 impl Health {

@@ -46,7 +46,6 @@ pub struct Observability {
 }
 
 /// What a worker tells its operators about itself.
-#[derive(Debug)]
 pub struct WorkerFacts<'a> {
     /// `worker.id`, resolved.
     pub worker_id: &'a str,
