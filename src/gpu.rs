@@ -39,7 +39,10 @@ pub const METRIC_NAMES: &[&str] = &[
 /// reasons; `gpu_idle` is normal on an idle GPU).
 pub const THROTTLE_REASONS: &[(&str, ThrottleReasons)] = &[
     ("gpu_idle", ThrottleReasons::GPU_IDLE),
-    ("applications_clocks_setting", ThrottleReasons::APPLICATIONS_CLOCKS_SETTING),
+    (
+        "applications_clocks_setting",
+        ThrottleReasons::APPLICATIONS_CLOCKS_SETTING,
+    ),
     ("sw_power_cap", ThrottleReasons::SW_POWER_CAP),
     ("hw_slowdown", ThrottleReasons::HW_SLOWDOWN),
     ("sync_boost", ThrottleReasons::SYNC_BOOST),
@@ -261,7 +264,8 @@ fn read(device: &Device<'_>, metrics: &GpuMetrics, gpu: &str) -> Reading {
     let figures = GpuFigures {
         index: device.index().unwrap_or_default(),
         name: supported(metrics, gpu, "name", device.name()),
-        utilization: supported(metrics, gpu, "utilization", device.utilization_rates()).map(|u| f64::from(u.gpu) / 100.0),
+        utilization: supported(metrics, gpu, "utilization", device.utilization_rates())
+            .map(|u| f64::from(u.gpu) / 100.0),
         memory_used_bytes: memory.as_ref().map(|m| m.used),
         memory_total_bytes: memory.as_ref().map(|m| m.total),
         power_watts: get("power", device.power_usage()).map(|mw| f64::from(mw) / 1000.0),

@@ -86,7 +86,9 @@ const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 /// Seconds of a model run (a 256 px image on a GPU: milliseconds; 1024 px on a CPU: seconds).
-const RUN_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const RUN_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 /// Images per model run.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
@@ -128,16 +130,22 @@ fn registered<C: Collector + Clone + 'static>(registry: &Registry, collector: C)
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let counter_vec =
-            |name: &str, help: &str, labels: &[&str]| registered(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap());
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            registered(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+        };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
             registered(&r, HistogramVec::new(opts, labels).unwrap())
         };
-        let int_gauge_vec =
-            |name: &str, help: &str, labels: &[&str]| registered(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap());
+        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            registered(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+        };
         let metrics = Self {
-            build_info: int_gauge_vec("kiln_build_info", "Always 1; the version of kiln running.", &["version"]),
+            build_info: int_gauge_vec(
+                "kiln_build_info",
+                "Always 1; the version of kiln running.",
+                &["version"],
+            ),
             provider_info: int_gauge_vec(
                 "kiln_execution_provider_info",
                 "Always 1; the execution provider the models run on (cuda, cpu, cpu_fallback).",
@@ -145,7 +153,11 @@ impl Metrics {
             ),
             ready: registered(
                 &r,
-                IntGauge::new("kiln_ready", "1 when /readyz passes: consuming, models loaded, limiter usable.").unwrap(),
+                IntGauge::new(
+                    "kiln_ready",
+                    "1 when /readyz passes: consuming, models loaded, limiter usable.",
+                )
+                .unwrap(),
             ),
             requests: counter_vec(
                 "kiln_requests_total",
@@ -222,7 +234,10 @@ impl Metrics {
             model_load: registered(
                 &r,
                 GaugeVec::new(
-                    Opts::new("kiln_model_load_seconds", "Time to load (and warm up) each model at startup."),
+                    Opts::new(
+                        "kiln_model_load_seconds",
+                        "Time to load (and warm up) each model at startup.",
+                    ),
                     &["model"],
                 )
                 .unwrap(),
@@ -388,10 +403,7 @@ pub struct RequestRecord<'a> {
 pub fn record_request(record: &RequestRecord<'_>) {
     let metrics = m();
     let (model, tier) = (record.model, record.tier);
-    metrics
-        .requests
-        .with_label_values(&[model, tier, record.outcome])
-        .inc();
+    metrics.requests.with_label_values(&[model, tier, record.outcome]).inc();
     if let Some(wait) = record.queue_wait {
         metrics.queue_wait.with_label_values(&[model, tier]).observe(wait);
         QUEUE_WAIT_MAX_MICROS.fetch_max((wait * 1e6) as u64, Ordering::Relaxed);

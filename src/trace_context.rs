@@ -129,7 +129,13 @@ impl TraceParent {
 impl fmt::Display for TraceParent {
     /// The version-00 header value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.parent_id), self.flags)
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        )
     }
 }
 
@@ -205,7 +211,10 @@ impl TraceContext {
             AMQPValue::LongString(LongString::from(self.own.to_string())),
         );
         if let Some(state) = &self.tracestate {
-            headers.insert(TRACESTATE.into(), AMQPValue::LongString(LongString::from(state.as_str())));
+            headers.insert(
+                TRACESTATE.into(),
+                AMQPValue::LongString(LongString::from(state.as_str())),
+            );
         }
     }
 }
@@ -267,12 +276,12 @@ mod tests {
             Err(TraceParentError::TrailingData)
         );
         let v1 = VALID.replacen("00", "01", 1);
-        assert_eq!(TraceParent::parse(&v1).unwrap().trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(TraceParent::parse(&format!("{v1}-future-field")).is_ok());
         assert_eq!(
-            TraceParent::parse(&format!("{v1}x")),
-            Err(TraceParentError::Malformed)
+            TraceParent::parse(&v1).unwrap().trace_id_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
         );
+        assert!(TraceParent::parse(&format!("{v1}-future-field")).is_ok());
+        assert_eq!(TraceParent::parse(&format!("{v1}x")), Err(TraceParentError::Malformed));
     }
 
     #[test]

@@ -138,11 +138,7 @@ impl Health {
         let failing: Vec<&'static str> = checks.iter().filter(|(_, c)| !c.ok).map(|(name, _)| *name).collect();
         let ready = failing.is_empty();
         crate::metrics::set_ready(ready);
-        Report {
-            ready,
-            failing,
-            checks,
-        }
+        Report { ready, failing, checks }
     }
 }
 

@@ -27,8 +27,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::gpu::GpuFigures;
 use super::health::{BrokerState, Health};
+use crate::gpu::GpuFigures;
 use crate::metrics::{self, Usage};
 
 /// The version of the heartbeat message (its `version` field).
@@ -146,9 +146,7 @@ impl UsageWindow {
             0.0
         };
         self.samples.push_back((now, usage));
-        while self.samples.len() > 2
-            && now.saturating_duration_since(self.samples[1].0) >= self.window
-        {
+        while self.samples.len() > 2 && now.saturating_duration_since(self.samples[1].0) >= self.window {
             self.samples.pop_front();
         }
         let (_, oldest) = self.samples.front().expect("never empty");
@@ -271,7 +269,11 @@ async fn queue_figures(connection: &Connection, settings: &Beacon) -> QueueFigur
         metrics::set_queue_messages("requests", q.message_count());
     }
     if let Ok(q) = probe
-        .queue_declare(settings.dead_letter_queue.as_str().into(), passive, FieldTable::default())
+        .queue_declare(
+            settings.dead_letter_queue.as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
         .await
     {
         figures.dead_letters = Some(q.message_count());

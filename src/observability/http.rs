@@ -56,7 +56,11 @@ pub async fn serve(
 async fn metrics(State(health): State<Arc<Health>>) -> Response {
     // Evaluated per scrape, so `kiln_ready` is as fresh as `/readyz`.
     let _ = health.report();
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], crate::metrics::render()).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn healthz() -> Response {

@@ -176,7 +176,10 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for task in [self.http.take(), self.gpu.take(), self.heartbeat.take()].into_iter().flatten() {
+        for task in [self.http.take(), self.gpu.take(), self.heartbeat.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
     }

@@ -26,7 +26,9 @@ use crate::helpers::{
 
 /// One `GET` over HTTP/1.0 (the server closes the connection after the body): status and body.
 async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("the HTTP endpoint accepts");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP endpoint accepts");
     let request = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
@@ -132,7 +134,11 @@ async fn scrape_until(addr: SocketAddr, what: &str, ready: impl Fn(&Scrape) -> b
         if ready(&s) {
             return s;
         }
-        assert!(started.elapsed() < REPLY_TIMEOUT, "waited for {what}; last scrape:\n{}", s.text);
+        assert!(
+            started.elapsed() < REPLY_TIMEOUT,
+            "waited for {what}; last scrape:\n{}",
+            s.text
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -175,8 +181,14 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     })
     .await;
     let requests = |labels: &[(&str, &str)]| s.sum("kiln_requests_total", labels);
-    assert_eq!(requests(&[("model", "multistyle26"), ("tier", "unknown"), ("outcome", "ok")]), 2.0);
-    assert_eq!(requests(&[("model", "multistyle26"), ("outcome", "unknown_style")]), 1.0);
+    assert_eq!(
+        requests(&[("model", "multistyle26"), ("tier", "unknown"), ("outcome", "ok")]),
+        2.0
+    );
+    assert_eq!(
+        requests(&[("model", "multistyle26"), ("outcome", "unknown_style")]),
+        1.0
+    );
     // A model this worker does not serve is never a label value: it could be anything.
     assert_eq!(requests(&[("model", "unknown"), ("outcome", "unknown_model")]), 1.0);
     assert_eq!(requests(&[("model", "unknown"), ("outcome", "malformed_request")]), 1.0);
@@ -187,7 +199,10 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     assert_eq!(s.sum("kiln_inference_batch_size_count", &model), 2.0);
     assert_eq!(s.sum("kiln_inference_batch_size_sum", &model), 2.0);
     assert_eq!(
-        s.sum("kiln_inference_batch_size_bucket", &[("model", "multistyle26"), ("le", "1")]),
+        s.sum(
+            "kiln_inference_batch_size_bucket",
+            &[("model", "multistyle26"), ("le", "1")]
+        ),
         2.0
     );
     assert_eq!(s.sum("kiln_inference_images_total", &model), 2.0);
@@ -200,18 +215,15 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     assert_eq!(s.sum("kiln_request_inference_seconds_count", &model), 2.0);
     assert_eq!(s.sum("kiln_request_inference_seconds_count", &[]), 2.0);
     assert_eq!(s.sum("kiln_request_queue_wait_seconds_count", &[]), 4.0);
-    assert_eq!(s.sum("kiln_request_queue_wait_seconds_count", &[("model", "unknown")]), 1.0);
-    assert_eq!(s.sum("kiln_request_duration_seconds_count", &[]), 5.0);
     assert_eq!(
-        s.sum("kiln_request_duration_seconds_bucket", &[("le", "+Inf")]),
-        5.0
-    );
-    assert_eq!(s.sum("kiln_requests_in_flight", &[]), 0.0);
-
-    assert_eq!(
-        s.sum("kiln_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        s.sum("kiln_request_queue_wait_seconds_count", &[("model", "unknown")]),
         1.0
     );
+    assert_eq!(s.sum("kiln_request_duration_seconds_count", &[]), 5.0);
+    assert_eq!(s.sum("kiln_request_duration_seconds_bucket", &[("le", "+Inf")]), 5.0);
+    assert_eq!(s.sum("kiln_requests_in_flight", &[]), 0.0);
+
+    assert_eq!(s.sum("kiln_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
     assert_eq!(s.sum("kiln_execution_provider_info", &[("provider", "cpu")]), 1.0);
     assert_eq!(s.series("kiln_model_load_seconds", &[]), 1);
     assert!(s.sum("kiln_model_load_seconds", &model) > 0.0);
@@ -417,7 +429,12 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
         ..Default::default()
     };
     channel
-        .exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let queue = exclusive_queue(&channel).await;
@@ -502,8 +519,13 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
     let busy = scrape(app.http_addr)
         .await
         .sum("kiln_inference_busy_seconds_total", &[]);
-    let capacity = beat["capacity_images_per_second"].as_f64().expect("measured after an image");
-    assert!((capacity * busy - 1.0).abs() < 1e-6, "capacity {capacity}, busy {busy} s");
+    let capacity = beat["capacity_images_per_second"]
+        .as_f64()
+        .expect("measured after an image");
+    assert!(
+        (capacity * busy - 1.0).abs() < 1e-6,
+        "capacity {capacity}, busy {busy} s"
+    );
     let fraction = beat["busy_fraction"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&fraction));
     let s = scrape(app.http_addr).await;
@@ -575,9 +597,7 @@ async fn readyz_is_503_until_the_worker_consumes_and_while_the_broker_is_gone() 
     assert_eq!(report["failing"], serde_json::json!(["broker"]));
     assert_eq!(http_get(app.http_addr, "/healthz").await.0, 200);
     assert_eq!(
-        scrape(app.http_addr)
-            .await
-            .sum("kiln_broker_reconnects_total", &[]),
+        scrape(app.http_addr).await.sum("kiln_broker_reconnects_total", &[]),
         1.0
     );
 
@@ -637,8 +657,14 @@ async fn replies_continue_the_producers_w3c_trace() {
     let channel = admin_channel().await;
 
     let mut headers = FieldTable::default();
-    headers.insert("traceparent".into(), AMQPValue::LongString(LongString::from(TRACEPARENT)));
-    headers.insert("tracestate".into(), AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")));
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(TRACEPARENT)),
+    );
+    headers.insert(
+        "tracestate".into(),
+        AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")),
+    );
     let (reply, state) = reply_trace(&channel, &app, headers).await;
     let sent = TraceParent::parse(TRACEPARENT).unwrap();
     assert_eq!(reply.trace_id, sent.trace_id, "the same trace");
@@ -650,9 +676,14 @@ async fn replies_continue_the_producers_w3c_trace() {
     let mut headers = FieldTable::default();
     headers.insert(
         "traceparent".into(),
-        AMQPValue::LongString(LongString::from("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+        AMQPValue::LongString(LongString::from(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )),
     );
-    headers.insert("tracestate".into(), AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")));
+    headers.insert(
+        "tracestate".into(),
+        AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")),
+    );
     let (reply, state) = reply_trace(&channel, &app, headers).await;
     assert_ne!(reply.trace_id, sent.trace_id);
     assert_eq!(reply.flags, 0);
@@ -756,17 +787,26 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     assert!(s.sum("kiln_redis_errors_total", &[]) >= 1.0);
     assert_eq!(s.sum("kiln_deferrals_total", &[("reason", "rate")]), 1.0);
     assert_eq!(
-        s.sum("kiln_rate_limit_decisions_total", &[("tier", "free"), ("result", "admitted")]),
+        s.sum(
+            "kiln_rate_limit_decisions_total",
+            &[("tier", "free"), ("result", "admitted")]
+        ),
         1.0
     );
     assert_eq!(
-        s.sum("kiln_rate_limit_decisions_total", &[("tier", "free"), ("result", "deferred")]),
+        s.sum(
+            "kiln_rate_limit_decisions_total",
+            &[("tier", "free"), ("result", "deferred")]
+        ),
         1.0
     );
     assert_eq!(s.sum("kiln_requests_expired_total", &[("stage", "admission")]), 2.0);
     assert_eq!(s.sum("kiln_dead_letters_total", &[("reason", "unroutable")]), 1.0);
     assert_eq!(s.sum("kiln_requests_total", &[("outcome", "dead_lettered")]), 1.0);
-    assert_eq!(s.sum("kiln_requests_total", &[("tier", "free"), ("outcome", "ok")]), 1.0);
+    assert_eq!(
+        s.sum("kiln_requests_total", &[("tier", "free"), ("outcome", "ok")]),
+        1.0
+    );
 
     let exported = s.names();
     let gpu: BTreeSet<String> = kiln::gpu::METRIC_NAMES.iter().map(|n| n.to_string()).collect();
@@ -812,9 +852,7 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
 
 #[test]
 fn metric_names_are_found_in_promql() {
-    let names = metric_names(
-        r#"sum by (le) (rate(kiln_a_bucket{x="kiln_not"}[5m])) / kiln_b_total and notkiln_c"#,
-    );
+    let names = metric_names(r#"sum by (le) (rate(kiln_a_bucket{x="kiln_not"}[5m])) / kiln_b_total and notkiln_c"#);
     assert_eq!(
         names.into_iter().collect::<Vec<_>>(),
         vec!["kiln_a_bucket", "kiln_b_total", "kiln_not"]
