@@ -227,7 +227,8 @@ impl Metrics {
                 &r,
                 Gauge::new(
                     "kiln_inference_busy_ratio",
-                    "Fraction of the last heartbeat period the inference thread spent running models.",
+                    "Fraction of the last heartbeat period the inference thread spent running models \
+                     (set by the heartbeat; stays 0 with heartbeat.enabled = false).",
                 )
                 .unwrap(),
             ),

@@ -33,7 +33,7 @@ pub use health::{BrokerState, Health};
 pub use settings::{GpuSettings, HeartbeatSettings, HttpSettings};
 
 /// How long shutdown waits for the last heartbeat and for open HTTP requests.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The worker's HTTP endpoint, health, heartbeat and GPU poller, built but not yet running.
 #[derive(Debug)]
