@@ -348,7 +348,7 @@ impl Drop for Prometheus {
 }
 
 #[tokio::test]
-async fn a_real_prometheus_scrapes_the_worker_and_evaluates_the_alert_rules() {
+async fn a_real_prometheus_scrapes_the_worker_evaluates_the_alert_rules_and_runs_the_dashboard_queries() {
     let app = spawn_app_with(one_model).await;
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
@@ -394,6 +394,20 @@ async fn a_real_prometheus_scrapes_the_worker_and_evaluates_the_alert_rules() {
             "the alert rules did not all evaluate: {rules:#?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Every dashboard query is PromQL Prometheus accepts (Grafana's variables filled in).
+    let dashboard: Value = serde_json::from_slice(&read("observability/grafana/kiln.json")).unwrap();
+    for query in dashboard_queries(&dashboard) {
+        let promql = query
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*")
+            .replace("label_values(kiln_build_info, instance)", "kiln_build_info");
+        let answer = prometheus
+            .api(&format!("/api/v1/query?query={}", percent_encode(&promql)))
+            .await
+            .expect("Prometheus answers");
+        assert_eq!(answer["status"], "success", "{promql}: {answer}");
     }
 
     producer.close().await;
