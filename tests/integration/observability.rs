@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     admin_channel, exclusive_queue, free_port, read, repo, request, spawn_app_with, test_settings, TcpProxy, TestApp,
-    REPLY_TIMEOUT,
+    WorkerProcess, REPLY_TIMEOUT,
 };
 
 /// One `GET` over HTTP/1.0 (the server closes the connection after the body): status and body.
@@ -622,7 +622,7 @@ async fn readyz_is_503_until_the_worker_consumes_and_while_the_broker_is_gone() 
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-async fn reply_trace(channel: &Channel, app: &TestApp, headers: FieldTable) -> (TraceParent, Option<String>) {
+async fn reply_trace(channel: &Channel, requests: &str, headers: FieldTable) -> (TraceParent, Option<String>) {
     let replies = exclusive_queue(channel).await;
     let mut consumer = channel
         .basic_consume(
@@ -642,7 +642,7 @@ async fn reply_trace(channel: &Channel, app: &TestApp, headers: FieldTable) -> (
     channel
         .basic_publish(
             "".into(),
-            app.topology.requests.as_str().into(),
+            requests.into(),
             BasicPublishOptions::default(),
             &body,
             BasicProperties::default()
@@ -679,7 +679,7 @@ async fn replies_continue_the_producers_w3c_trace() {
         "tracestate".into(),
         AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")),
     );
-    let (reply, state) = reply_trace(&channel, &app, headers).await;
+    let (reply, state) = reply_trace(&channel, &app.topology.requests, headers).await;
     let sent = TraceParent::parse(TRACEPARENT).unwrap();
     assert_eq!(reply.trace_id, sent.trace_id, "the same trace");
     assert_ne!(reply.parent_id, sent.parent_id, "the worker's own span");
@@ -698,14 +698,52 @@ async fn replies_continue_the_producers_w3c_trace() {
         "tracestate".into(),
         AMQPValue::LongString(LongString::from("congo=t61rcWkgMzE")),
     );
-    let (reply, state) = reply_trace(&channel, &app, headers).await;
+    let (reply, state) = reply_trace(&channel, &app.topology.requests, headers).await;
     assert_ne!(reply.trace_id, sent.trace_id);
     assert_eq!(reply.flags, 0);
     assert_eq!(state, None, "a tracestate without a valid traceparent is dropped");
-    let (other, _) = reply_trace(&channel, &app, FieldTable::default()).await;
+    let (other, _) = reply_trace(&channel, &app.topology.requests, FieldTable::default()).await;
     assert_ne!(other.trace_id, reply.trace_id, "each request its own trace");
 
     app.stop().await;
+}
+
+#[tokio::test]
+async fn the_json_log_of_a_request_carries_its_trace_and_the_reply_continues_it() {
+    let settings = test_settings();
+    let topology = kiln::amqp::Topology::new(&settings.amqp.topology);
+    let mut worker = WorkerProcess::spawn(&settings, &[]);
+    worker.wait_for_log("worker ready", REPLY_TIMEOUT).await;
+    let channel = admin_channel().await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(TRACEPARENT)),
+    );
+    let (reply, _) = reply_trace(&channel, &topology.requests, headers).await;
+    assert_eq!(reply.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    worker
+        .wait_for_log("4bf92f3577b34da6a3ce929d0e0e4736", REPLY_TIMEOUT)
+        .await;
+    let log = worker.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("replied with an error"))
+        .unwrap_or_else(|| panic!("no reply logged:\n{log}"));
+    let line: Value = serde_json::from_str(line).expect("a JSON log line");
+    let span = &line["span"];
+    assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{line}");
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{line}");
+    assert_eq!(
+        span["span_id"],
+        reply.span_id_hex(),
+        "the span id on the reply is the one logged"
+    );
+    assert_eq!(span["user_id"], "test-user");
+    assert!(span["request_id"].is_string());
+    worker.terminate();
+    assert!(worker.wait_exit(REPLY_TIMEOUT).await.success());
+    crate::helpers::delete_topology(&topology).await;
 }
 
 /// Metric names in PromQL text: every `kiln_…` identifier.
