@@ -124,7 +124,7 @@ impl Health {
         };
         let rate_limit = match &self.limiter {
             None => pass("rate limits are off (rate_limit.enabled = false)"),
-            Some(limiter) if limiter.redis_healthy() => pass("Redis answered the last decision"),
+            Some(limiter) if limiter.redis_healthy() => pass("no Redis failure at the last decision"),
             Some(limiter) => pass(match limiter.settings().redis_down {
                 RedisDown::FailOpen => "Redis unreachable: fail_open, each worker limits on its own",
                 RedisDown::FailClosed => "Redis unreachable: fail_closed, requests are deferred until it answers",

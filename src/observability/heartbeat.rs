@@ -177,14 +177,19 @@ pub async fn run(settings: Beacon, health: Arc<Health>) {
         metrics::record_heartbeat(if sent.is_ok() { "ok" } else { "failed" });
         if let Err(e) = sent {
             tracing::debug!(error = %e, "heartbeat not sent; trying again on the next one");
-            link = None;
+            close(link.take(), "heartbeat failed").await;
         }
         if last {
             break;
         }
     }
+    close(link, "worker stopping").await;
+}
+
+/// Close the heartbeat's connection, without waiting long for a broker that may be gone.
+async fn close(link: Option<(Connection, Channel)>, why: &str) {
     if let Some((connection, _)) = link {
-        let _ = connection.close(200, "worker stopping".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, why.into())).await;
     }
 }
 
