@@ -1,6 +1,7 @@
 //! GPU telemetry from NVML (`libnvidia-ml.so`, loaded at run time by `nvml-wrapper`).
 //!
-//! A background task polls every GPU NVML sees every `gpu.poll_interval_ms` and sets the
+//! A background task polls every GPU NVML sees (in a Kubernetes pod: the ones assigned to it;
+//! `gpu` labels are NVML indices) every `gpu.poll_interval_ms` and sets the
 //! `kiln_gpu_*` gauges; the NVML calls block, so each poll runs on tokio's blocking pool. The last
 //! poll's figures are kept for the heartbeat ([`latest`]).
 //!

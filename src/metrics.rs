@@ -161,7 +161,8 @@ impl Metrics {
             ),
             requests: counter_vec(
                 "kiln_requests_total",
-                "Requests settled, by outcome: ok, an error code, deferred, dead_lettered, requeued, abandoned.",
+                "Deliveries settled, by outcome: ok, an error code, deferred, dead_lettered, requeued, abandoned \
+                 (a deferred request counts again when it comes back).",
                 &["model", "tier", "outcome"],
             ),
             in_flight: registered(
