@@ -6,10 +6,10 @@
 
 What it checks (it reports every failure, then exits 1 if there was any):
 
-1. `request.v1.schema.json` and `reply.v1.schema.json` are valid JSON Schema 2020-12
+1. `request.v1.schema.json`, `reply.v1.schema.json` and `heartbeat.v1.schema.json` are valid JSON Schema 2020-12
    (`Draft202012Validator.check_schema`).
 2. Every `examples/*.json` is valid against its schema, and every `examples/invalid/*.json`
-   is invalid. The schema is chosen by the file name's prefix (`request-` or `reply-`).
+   is invalid. The schema is chosen by the file name's prefix (`request-`, `reply-` or `heartbeat-`).
 3. Each invalid example fails for the reason it was written for: `EXPECTED_INVALID` names,
    for every file, the instance location and the keyword of the violation, and that error must
    be among the ones reported. This keeps an example from passing the check by accident (say, a
@@ -50,6 +50,7 @@ EXAMPLES = HERE / "examples"
 SCHEMAS = {
     "request-": HERE / "request.v1.schema.json",
     "reply-": HERE / "reply.v1.schema.json",
+    "heartbeat-": HERE / "heartbeat.v1.schema.json",
 }
 
 # file name -> (JSON pointer of the offending value, keyword that must report it)
@@ -119,6 +120,13 @@ EXPECTED_INVALID: dict[str, tuple[str, str]] = {
     "reply-rate-limit-missing-retry-after.json": ("/rate_limit", "required"),
     "reply-rate-limit-negative-remaining.json": ("/rate_limit/remaining", "minimum"),
     "reply-rate-limit-null.json": ("/rate_limit", "type"),
+    "heartbeat-state-unknown.json": ("/state", "enum"),
+    "heartbeat-busy-fraction-above-1.json": ("/busy_fraction", "maximum"),
+    "heartbeat-missing-worker-id.json": ("", "required"),
+    "heartbeat-capacity-zero.json": ("/capacity_images_per_second", "exclusiveMinimum"),
+    "heartbeat-queue-extra-field.json": ("/queue", "additionalProperties"),
+    "heartbeat-throttle-reason-unknown.json": ("/gpus/0/throttle_reasons/0", "enum"),
+    "heartbeat-timestamp-unix.json": ("/timestamp", "type"),
 }
 
 
@@ -316,7 +324,7 @@ def main() -> int:
     if failures:
         print(f"{len(failures)} failure(s)", file=sys.stderr)
         return 1
-    print(f"ok: 2 schemas, {checked} examples, asyncapi.yaml references and examples")
+    print(f"ok: {len(SCHEMAS)} schemas, {checked} examples, asyncapi.yaml references and examples")
     return 0
 
 

@@ -2,7 +2,8 @@
 # Everything kiln needs on a fresh machine, idempotent:
 #  - RabbitMQ and Redis running on localhost,
 #  - the official ONNX Runtime 1.31.1 library (CPU build) in runtime/,
-#  - a Python venv (.venv) with the example producer's and the schema checker's dependencies.
+#  - a Python venv (.venv) with the example producer's and the schema checker's dependencies,
+#  - Prometheus and promtool (Debian package `prometheus`) for the observability tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +15,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pika, jsonschema, 
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt -r schemas/requirements.txt
 fi
+
+scripts/install-prometheus.sh

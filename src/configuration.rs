@@ -33,6 +33,12 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Logs.
     pub telemetry: TelemetrySettings,
+    /// The operators' HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+    pub http: crate::observability::HttpSettings,
+    /// The fleet heartbeat on `<prefix>.heartbeat`.
+    pub heartbeat: crate::observability::HeartbeatSettings,
+    /// GPU telemetry from NVML.
+    pub gpu: crate::observability::GpuSettings,
     /// Deliberate faults, for the tests that prove nothing is lost. Never enable in production.
     pub faults: FaultSettings,
 }
@@ -52,6 +58,9 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
+        // KILN_CONFIG names the settings file (the CLI's --config); it is not a setting itself.
+        let env = env.unwrap_or_else(|| std::env::vars().collect());
+        let env = Some(env.into_iter().filter(|(k, _)| k != "KILN_CONFIG").collect());
         let env_source = config::Environment::with_prefix("KILN")
             .prefix_separator("_")
             .separator("__")
@@ -491,6 +500,8 @@ mod tests {
                 ("KILN_INFERENCE__EXECUTION_PROVIDER", "cuda"),
                 ("KILN_INFERENCE__CUDA__DEVICE_ID", "1"),
                 ("KILN_MODELS__ENABLED", "multistyle26"),
+                ("KILN_HTTP__BIND", "127.0.0.1:0"),
+                ("KILN_HEARTBEAT__INTERVAL_MS", "250"),
             ])),
         )
         .unwrap();
@@ -499,12 +510,20 @@ mod tests {
         assert_eq!(s.inference.execution_provider, ExecutionProviderKind::Cuda);
         assert_eq!(s.inference.cuda.device_id, 1);
         assert_eq!(s.models.enabled, vec!["multistyle26".to_string()]);
+        assert_eq!(s.http.bind, "127.0.0.1:0");
+        assert_eq!(s.heartbeat.interval_ms, 250);
     }
 
     #[test]
     fn unknown_or_mistyped_settings_are_errors() {
         assert!(Settings::load_from(None, Some(env(&[("KILN_AMQP__PREFECH", "4")]))).is_err());
         assert!(Settings::load_from(None, Some(env(&[("KILN_INFERENCE__EXECUTION_PROVIDER", "tpu")]))).is_err());
+    }
+
+    #[test]
+    fn kiln_config_names_the_file_and_is_not_a_setting() {
+        let s = Settings::load_from(None, Some(env(&[("KILN_CONFIG", "/etc/kiln/kiln.toml")]))).unwrap();
+        assert_eq!(s.amqp.prefetch, AmqpSettings::default().prefetch);
     }
 
     #[test]

@@ -28,6 +28,9 @@
 //! - [`worker`]: one delivery from arrival to ack.
 //! - [`cpu_pool`]: the lower-priority threads for image work around inference.
 //! - [`startup`], [`shutdown`], [`telemetry`]: process lifecycle.
+//! - [`observability`]: `/metrics`, `/healthz`, `/readyz`, the fleet heartbeat; [`metrics`] (every
+//!   Prometheus metric, recorded from anywhere in one line), [`gpu`] (NVML), [`trace_context`] (W3C
+//!   `traceparent` from requests to replies).
 //! - [`submit`]: the producer side of `kiln submit`.
 
 pub mod amqp;
@@ -35,13 +38,17 @@ pub mod cli;
 pub mod configuration;
 pub mod cpu_pool;
 pub mod domain;
+pub mod gpu;
 pub mod imaging;
 pub mod inference;
 pub mod loadgen;
+pub mod metrics;
+pub mod observability;
 pub mod rate_limit;
 pub mod scheduling;
 pub mod shutdown;
 pub mod startup;
 pub mod submit;
 pub mod telemetry;
+pub mod trace_context;
 pub mod worker;

@@ -23,6 +23,7 @@ use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::manifest::PipelineSpec;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
+use crate::observability::{BrokerState, Observability, WorkerFacts};
 use crate::rate_limit::Limiter;
 use crate::scheduling::Schedule;
 use crate::worker::{Outcome, Services, Worker};
@@ -33,6 +34,7 @@ pub struct Application {
     engine: InferenceEngine,
     services: Services,
     started: Instant,
+    observability: Observability,
 }
 
 /// How one connection session ended.
@@ -73,11 +75,22 @@ impl Application {
             limits: settings.limits.clone(),
             faults: settings.faults.clone(),
         };
+        let observability = Observability::build(
+            &settings,
+            WorkerFacts {
+                worker_id: &services.worker_id,
+                models: services.registry.iter().map(|m| m.name.clone()).collect(),
+                provider: engine.handle().provider(),
+                limiter: services.limiter.clone(),
+                topology: &services.topology,
+            },
+        )?;
         Ok(Self {
             settings,
             engine,
             services,
             started,
+            observability,
         })
     }
 
@@ -96,10 +109,16 @@ impl Application {
         &self.services.worker_id
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (bound by [`Application::build`]).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.observability.http_addr()
+    }
+
     /// Serve until `shutdown` resolves; then stop consuming, finish what is in flight (within the
     /// grace period), and return.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let mut shutdown = std::pin::pin!(shutdown);
+    pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let observers = self.observability.start();
+        let mut shutdown = std::pin::pin!(self.observability.watch_shutdown(shutdown));
         let amqp = &self.settings.amqp;
         let connection_name = format!("kiln worker {}", self.services.worker_id);
         loop {
@@ -114,6 +133,8 @@ impl Application {
                 }
                 SessionEnd::Lost(reason) => {
                     tracing::warn!(%reason, "lost the broker connection; reconnecting");
+                    crate::metrics::record_broker_reconnect();
+                    self.observability.health().set_broker(BrokerState::Lost(reason));
                 }
             }
         }
@@ -121,6 +142,7 @@ impl Application {
         let Self { engine, services, .. } = self;
         drop(services);
         engine.join();
+        observers.stop().await;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -173,6 +195,7 @@ impl Application {
             }));
 
         let worker = Worker::new(self.services.clone(), publisher);
+        self.observability.health().set_broker(BrokerState::Consuming);
         tracing::info!(
             worker_id = %self.services.worker_id,
             queues = ?self.services.topology.request_queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),

@@ -74,6 +74,9 @@ impl ReplyPublisher {
         let json = serde_json::to_string(doc).expect("a reply document always serialises");
         headers.insert(REPLY_HEADER.into(), long_string(json));
         headers.insert(STATUS_HEADER.into(), long_string(doc.status.as_str()));
+        if let Some(trace) = crate::trace_context::current() {
+            trace.write_headers(&mut headers);
+        }
         if let Some(limit) = &doc.rate_limit {
             // The HTTP conventions, in seconds (rounded up), for producers that know them.
             headers.insert("x-ratelimit-limit".into(), AMQPValue::LongLongInt(limit.limit as i64));

@@ -340,6 +340,7 @@ fn load_runners(
                     .map_err(|e| anyhow::anyhow!("warm-up run of {} (batch {n}) failed: {e}", manifest.name))?;
             }
         }
+        crate::metrics::set_model_load_seconds(&manifest.name, started.elapsed().as_secs_f64());
         tracing::info!(
             model = %manifest.name,
             provider = runtime.provider().name(),
@@ -413,6 +414,7 @@ fn run_batch(runners: &mut HashMap<String, Runner>, batch: Vec<Job>, stats: &Eng
     match result {
         Ok(outputs) => {
             stats.images.fetch_add(size as u64, Ordering::Relaxed);
+            crate::metrics::observe_batch(&model, size, elapsed.as_secs_f64());
             for (job, output) in batch.into_iter().zip(outputs) {
                 let inferred = Inferred {
                     output,

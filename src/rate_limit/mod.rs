@@ -139,6 +139,12 @@ impl Limiter {
 
     /// Decide for `user` asking for `cost` units; `lease_id` (the request id) names the lease.
     pub async fn decide(&self, user: &str, cost: u64, lease_id: &str) -> Decision {
+        let decision = self.decide_uncounted(user, cost, lease_id).await;
+        crate::metrics::record_decision(&decision);
+        decision
+    }
+
+    async fn decide_uncounted(&self, user: &str, cost: u64, lease_id: &str) -> Decision {
         let now_ms = now_ms();
         let verdict = match self.ask_redis(user, cost, lease_id, now_ms).await {
             Some(verdict) => {
@@ -192,6 +198,7 @@ impl Limiter {
         if lease.local {
             self.local.release(&lease.user, &lease.id);
         } else if let Err(e) = self.redis.release(&lease.user, &lease.id).await {
+            crate::metrics::record_redis_error("release");
             tracing::warn!(error = %e, "could not release an in-flight lease; it will expire");
         }
     }
@@ -210,6 +217,7 @@ impl Limiter {
         match result {
             Ok(Ok(verdict)) => {
                 if let Some(since) = health.down_since.take() {
+                    crate::metrics::set_rate_limit_fallback(false);
                     tracing::info!(
                         down_seconds = since.elapsed().as_secs_f64(),
                         "Redis is back: limits are fleet-wide again"
@@ -218,10 +226,12 @@ impl Limiter {
                 Some(verdict)
             }
             Ok(Err(e)) => {
+                crate::metrics::record_redis_error("error");
                 self.mark_down(&mut health, &e.to_string());
                 None
             }
             Err(_) => {
+                crate::metrics::record_redis_error("timeout");
                 self.mark_down(&mut health, &format!("no answer within {timeout:?}"));
                 None
             }
@@ -231,6 +241,7 @@ impl Limiter {
     fn mark_down(&self, health: &mut Health, error: &str) {
         if health.down_since.is_none() {
             health.down_since = Some(Instant::now());
+            crate::metrics::set_rate_limit_fallback(true);
             match self.settings.redis_down {
                 RedisDown::FailOpen => tracing::error!(
                     error,

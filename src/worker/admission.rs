@@ -24,6 +24,17 @@ pub(super) enum Admission {
     },
 }
 
+impl Admission {
+    /// The limit the limiter reported, if it was asked.
+    pub(super) fn rate_limit(&self) -> Option<&LimitInfo> {
+        match self {
+            Self::Go { rate_limit, .. } | Self::Refuse { rate_limit, .. } | Self::Defer { rate_limit, .. } => {
+                rate_limit.as_ref()
+            }
+        }
+    }
+}
+
 /// Price the request (from the image header alone, no decoding) and ask the limiter.
 pub(super) async fn admit(
     limiter: Option<&Limiter>,

@@ -12,6 +12,7 @@
 //! one place that maps what happened to a broker action.
 
 mod admission;
+mod observed;
 mod reply;
 pub mod settle;
 
@@ -33,7 +34,9 @@ use crate::imaging::encode_png;
 use crate::inference::{InferenceError, InferenceHandle, JobOptions, ModelRegistry};
 use crate::rate_limit::Limiter;
 use crate::scheduling::{OverloadAction, Schedule, TierClass};
+use crate::trace_context::{self, TraceContext};
 use admission::Admission;
+use observed::Observed;
 pub use reply::INVALID_ROUTING_KEY;
 use reply::{Rendered, ReplyTarget};
 pub use settle::Outcome;
@@ -76,6 +79,9 @@ impl Worker {
 
     /// Handle one delivery from `queue` completely: reply (or defer), then settle it with the broker.
     pub async fn handle(&self, delivery: Delivery, queue: &RequestQueue) -> Outcome {
+        // The producer's W3C trace (or a new one): on the span, and on every reply (the publisher
+        // reads it from the task-local scope).
+        let trace = TraceContext::from_headers(delivery.properties.headers().as_ref());
         let span = tracing::info_span!(
             "request",
             request_id = tracing::field::Empty,
@@ -83,11 +89,22 @@ impl Worker {
             model = tracing::field::Empty,
             tier = tracing::field::Empty,
             redelivered = delivery.redelivered,
+            trace_id = %trace.own.trace_id_hex(),
+            span_id = %trace.own.span_id_hex(),
+            parent_span_id = tracing::field::Empty,
         );
-        self.handle_inner(delivery, queue).instrument(span).await
+        if let Some(parent) = &trace.incoming {
+            span.record("parent_span_id", parent.span_id_hex());
+        }
+        let mut observed = Observed::start();
+        let outcome = trace_context::scope(trace, self.handle_inner(delivery, queue, &mut observed))
+            .instrument(span)
+            .await;
+        observed.finish(&outcome);
+        outcome
     }
 
-    async fn handle_inner(&self, delivery: Delivery, queue: &RequestQueue) -> Outcome {
+    async fn handle_inner(&self, delivery: Delivery, queue: &RequestQueue, observed: &mut Observed) -> Outcome {
         let received = Instant::now();
         let received_at = OffsetDateTime::now_utc();
         let mut timings = Timings::default();
@@ -104,6 +121,7 @@ impl Worker {
                 let enqueued = request.created_at.or_else(|| amqp_timestamp(&delivery));
                 let queue_wait = enqueued.map(|t| (received_at - t).max(time::Duration::ZERO));
                 timings.queue_wait = queue_wait.map(|w| w.as_seconds_f64() * 1000.0);
+                observed.parsed(&self.services.registry, &request.model, timings.queue_wait);
                 let mut target = ReplyTarget {
                     request_id: Some(request.request_id.to_string()),
                     model: Some(request.model.clone()),
@@ -114,9 +132,10 @@ impl Worker {
                 // The queue's tier until the limiter says whose request this really is.
                 let schedule = &self.services.schedule;
                 let mut class = schedule.class_of(queue.tier.as_deref());
+                observed.queue_tier(&schedule.class(class).tier);
                 let since = enqueued.unwrap_or(received_at);
                 let overloaded = schedule.overloaded(queue_wait.and_then(|w| w.try_into().ok()));
-                let admission = match past_deadline(&request, schedule.class(class), since) {
+                let admission = match past_deadline(&request, schedule.class(class), since, "admission") {
                     Some(expired) => Admission::Refuse {
                         error: expired,
                         rate_limit: None,
@@ -137,6 +156,7 @@ impl Worker {
                         admission::admit(limiter, &self.services.registry, &request, deferrals(&delivery)).await
                     }
                 };
+                observed.limited(admission.rate_limit());
                 match admission {
                     Admission::Go {
                         lease: held,
@@ -166,13 +186,16 @@ impl Worker {
                                 self.release(lease).await;
                                 return outcome;
                             }
-                            Err(InferenceError::Expired(late)) => (
-                                target,
-                                Err(RequestError::new(
-                                    ErrorCode::Expired,
-                                    format!("the deadline passed {late:.3} s before the device was free"),
-                                )),
-                            ),
+                            Err(InferenceError::Expired(late)) => {
+                                crate::metrics::record_expired("batcher");
+                                (
+                                    target,
+                                    Err(RequestError::new(
+                                        ErrorCode::Expired,
+                                        format!("the deadline passed {late:.3} s before the device was free"),
+                                    )),
+                                )
+                            }
                             Err(InferenceError::Failed(message)) => {
                                 (target, Err(RequestError::new(ErrorCode::InferenceFailed, message)))
                             }
@@ -190,6 +213,7 @@ impl Worker {
             }
         };
         timings.total = ms(received.elapsed());
+        observed.timings(&timings);
 
         let reply = reply::final_reply(
             &delivery,
@@ -230,6 +254,7 @@ impl Worker {
         deferral.retry_after_ms = wait_ms;
         let back_at = OffsetDateTime::now_utc() + std::time::Duration::from_millis(wait_ms);
         if request.deadline.is_some_and(|deadline| deadline < back_at) {
+            crate::metrics::record_expired("deferral");
             let error = RequestError::new(
                 ErrorCode::RateLimited,
                 match deferral.reason.as_str() {
@@ -256,6 +281,7 @@ impl Worker {
             .defer(delivery, delay_queue, deferral.count, &queue.name)
             .await;
         if matches!(copied, Ok(crate::amqp::PublishOutcome::Confirmed)) {
+            crate::metrics::record_deferral(&deferral.reason);
             tracing::info!(reason = %deferral.reason, wait_ms, count = deferral.count, "deferred");
             let notice = reply::deferred_notice(delivery, target, deferral, self.services.worker_id.to_string());
             // Informational: if it cannot be delivered, the final reply will meet the same fate.
@@ -298,7 +324,7 @@ impl Worker {
         let (prepared, request) = prepared;
         let tier = self.services.schedule.class(class);
         // Preparation can take a while for big images; check the deadline again before the device.
-        if let Some(expired) = past_deadline(&request, tier, since) {
+        if let Some(expired) = past_deadline(&request, tier, since, "inference") {
             return Ok((Err(expired), None));
         }
         let options = JobOptions {
@@ -343,10 +369,18 @@ fn instant_of(at: OffsetDateTime) -> Instant {
     Instant::now() + std::time::Duration::try_from(ahead).unwrap_or_default()
 }
 
-fn past_deadline(request: &GenerationRequest, tier: &TierClass, since: OffsetDateTime) -> Option<RequestError> {
+/// The `expired` error if the deadline (the request's, or its tier's default) passed, counted at
+/// `stage`.
+fn past_deadline(
+    request: &GenerationRequest,
+    tier: &TierClass,
+    since: OffsetDateTime,
+    stage: &'static str,
+) -> Option<RequestError> {
     let deadline = effective_deadline(request, tier, since)?;
     let now = OffsetDateTime::now_utc();
     (now > deadline).then(|| {
+        crate::metrics::record_expired(stage);
         let late = (now - deadline).as_seconds_f64();
         let whose = match request.deadline {
             Some(_) => "the deadline".to_owned(),

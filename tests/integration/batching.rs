@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use kiln::configuration::Settings;
 use kiln::domain::{ErrorCode, GenerationRequest, ReplyStatus, WireStyle};
 use kiln::inference::{InferenceEngine, InferenceError, JobOptions, ModelRegistry, Runtime};
-use kiln::startup::Application;
 
 use crate::helpers::{decode_png, read, request, spawn_app_with, test_settings, REPLY_TIMEOUT};
 

@@ -2,6 +2,7 @@
 //! so tests run in parallel and clean up after themselves.
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,9 @@ pub fn test_settings() -> Settings {
     // throttled by each other.
     s.rate_limit.enabled = false;
     s.rate_limit.key_prefix = s.amqp.topology.prefix.clone();
+    // Any free port for /metrics, /readyz; heartbeats only where a test looks at them.
+    s.http.bind = "127.0.0.1:0".into();
+    s.heartbeat.enabled = false;
     s
 }
 
@@ -68,6 +72,8 @@ pub struct TestApp {
     pub settings: Settings,
     /// Its queue and exchange names.
     pub topology: Topology,
+    /// Where it serves `/metrics`, `/healthz`, `/readyz`.
+    pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -95,6 +101,7 @@ impl TestApp {
             .await
             .unwrap()
             .expect("the worker builds");
+        let http_addr = app.http_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = rx.await;
@@ -102,6 +109,7 @@ impl TestApp {
         Self {
             settings,
             topology,
+            http_addr,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -149,6 +157,7 @@ impl TestApp {
     pub async fn stop(mut self) {
         self.shutdown().await;
         delete_topology(&self.topology).await;
+        delete_heartbeat_exchange(&self.settings.amqp.topology.prefix).await;
     }
 }
 
@@ -157,12 +166,16 @@ impl Drop for TestApp {
         // A failed test does not reach stop(): delete the queues from a thread of our own.
         if self.shutdown.is_some() {
             let topology = self.topology.clone();
+            let prefix = self.settings.amqp.topology.prefix.clone();
             let _ = std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .unwrap()
-                    .block_on(delete_topology(&topology));
+                    .block_on(async {
+                        delete_topology(&topology).await;
+                        delete_heartbeat_exchange(&prefix).await;
+                    });
             })
             .join();
         }
@@ -237,6 +250,15 @@ pub async fn delete_topology(topology: &Topology) {
     }
 }
 
+/// Delete the heartbeat exchange of a topology prefix (workers declare it when heartbeats are on).
+pub async fn delete_heartbeat_exchange(prefix: &str) {
+    let exchange = kiln::observability::heartbeat::exchange_name(prefix);
+    let _ = admin_channel()
+        .await
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}
+
 /// A valid request for the default model.
 pub fn request(image: &[u8], style: Option<WireStyle>) -> RequestDocument {
     RequestDocument {
@@ -286,6 +308,8 @@ impl WorkerProcess {
             .env("KILN_RATE_LIMIT__ENABLED", settings.rate_limit.enabled.to_string())
             .env("KILN_RATE_LIMIT__KEY_PREFIX", &settings.rate_limit.key_prefix)
             .env("KILN_TELEMETRY__FORMAT", "json")
+            .env("KILN_HTTP__BIND", &settings.http.bind)
+            .env("KILN_HEARTBEAT__ENABLED", settings.heartbeat.enabled.to_string())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -9,6 +9,7 @@ mod contract;
 mod end_to_end;
 mod execution_provider;
 mod model_rewrite;
+mod observability;
 mod python_producer;
 mod rate_limits;
 mod reliability;
