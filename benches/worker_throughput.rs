@@ -1,9 +1,12 @@
 //! Worker throughput against the raw model, in one run (run with `scripts/bench.sh`).
 //!
-//! For each size: raw ONNX Runtime images/s (a tight loop on a preloaded tensor, the same session
-//! options and thread count as the worker), then end-to-end worker images/s (publish N requests to
-//! RabbitMQ, time until the last reply), alternating for `--rounds` rounds so drift hits both alike. Also:
-//! cold start of `kiln worker` to ready, its peak RSS, and where the per-request time goes.
+//! For each size and batch size: raw ONNX Runtime images/s (a tight loop on a preloaded batch of
+//! tensors, mixed styles, the same session options and thread count as the worker), then end-to-end
+//! images/s of a worker whose `batching.max_batch_size` is that batch size (publish N requests with
+//! mixed styles to RabbitMQ, time until the last reply), alternating for `--rounds` rounds so drift
+//! hits both alike. From those, the batching gain: best batch ÷ batch 1, raw and worker, and the
+//! share of the raw gain the worker captures. Also: cold start of `kiln worker` to ready, its peak
+//! RSS, and where the per-request time goes.
 //!
 //! Prints a Markdown table and writes `target/bench/worker_throughput.json`.
 
@@ -22,6 +25,7 @@ use ort::value::TensorRef;
 
 struct Args {
     sizes: Vec<u32>,
+    batches: Vec<usize>,
     threads: usize,
     seconds: f64,
     rounds: usize,
@@ -30,6 +34,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         sizes: vec![256, 512],
+        batches: vec![1, 4],
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         seconds: 5.0,
         rounds: 6,
@@ -38,10 +43,13 @@ fn args() -> Args {
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
             ("--sizes", Some(v)) => a.sizes = v.split(',').map(|s| s.parse().unwrap()).collect(),
+            ("--batches", Some(v)) => a.batches = v.split(',').map(|s| s.parse().unwrap()).collect(),
             ("--threads", Some(v)) => a.threads = v.parse().unwrap(),
             ("--seconds", Some(v)) => a.seconds = v.parse().unwrap(),
             ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
-            _ => panic!("usage: worker_throughput [--sizes 256,512] [--threads N] [--seconds S] [--rounds R]"),
+            _ => panic!(
+                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R]"
+            ),
         }
     }
     a
@@ -59,9 +67,9 @@ fn settings(threads: usize) -> Settings {
     s
 }
 
-/// Raw model throughput: `session.run` on a preloaded `[1, 3, size, size]` tensor of the photo, for
-/// `seconds`.
-fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, seconds: f64) -> f64 {
+/// Raw model throughput: `session.run` on a preloaded `[batch, 3, size, size]` tensor of the photo
+/// with a different style per sample, for `seconds`.
+fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, batch: usize, seconds: f64) -> f64 {
     let mut session = runtime
         .session(&repo().join("models/multistyle26/multistyle26-batched.onnx"))
         .unwrap();
@@ -78,13 +86,16 @@ fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, seconds: f6
         ValueRange { low: 0.0, high: 1.0 },
         &mut image,
     );
-    let mut weights = vec![0.0f32; 26];
-    weights[7] = 1.0;
+    let images = image.repeat(batch);
+    let mut weights = vec![0.0f32; 26 * batch];
+    for i in 0..batch {
+        weights[26 * i + (7 + i) % 26] = 1.0;
+    }
     let mut run = || {
         let out = session
             .run(ort::inputs![
-                "image" => TensorRef::from_array_view(([1, 3, s, s], image.as_slice())).unwrap(),
-                "style_weights" => TensorRef::from_array_view(([1usize, 26], weights.as_slice())).unwrap(),
+                "image" => TensorRef::from_array_view(([batch, 3, s, s], images.as_slice())).unwrap(),
+                "style_weights" => TensorRef::from_array_view(([batch, 26], weights.as_slice())).unwrap(),
             ])
             .unwrap();
         std::hint::black_box(&out);
@@ -96,7 +107,7 @@ fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, seconds: f6
         run();
         n += 1;
     }
-    f64::from(n) / started.elapsed().as_secs_f64()
+    f64::from(n) * batch as f64 / started.elapsed().as_secs_f64()
 }
 
 struct WorkerRun {
@@ -111,13 +122,13 @@ struct WorkerRun {
 /// End-to-end: publish `count` requests at once, time from the first publish to the last reply.
 async fn worker_images_per_second(producer: &mut Producer, photo: &[u8], count: usize) -> WorkerRun {
     let requests: Vec<RequestDocument> = (0..count)
-        .map(|_| RequestDocument {
+        .map(|i| RequestDocument {
             version: CONTRACT_VERSION,
             request_id: uuid::Uuid::new_v4().to_string(),
             user_id: "bench".into(),
             model: "multistyle26".into(),
             params: WireParams {
-                style: Some(WireStyle::Index(7)),
+                style: Some(WireStyle::Index((7 + i as i64) % 26)),
                 ..Default::default()
             },
             image: WireImage::from_bytes(photo),
@@ -231,92 +242,178 @@ fn wire_costs(size: u32) -> serde_json::Value {
     })
 }
 
-fn main() {
-    let args = args();
-    let settings = settings(args.threads);
-    let topology = Topology::new(&settings.amqp.topology);
-    let runtime = Runtime::init(&settings.inference).expect("ONNX Runtime (run scripts/setup.sh)");
+/// A `kiln worker` process with its own topology prefix and batch size.
+struct Worker {
+    child: std::process::Child,
+    settings: Settings,
+    cold_start: f64,
+}
 
-    // Cold start: process start to "worker ready" (models loaded and warmed, queue consumed).
-    let binary = Path::new(env!("CARGO_BIN_EXE_kiln"));
-    let started = Instant::now();
-    let mut worker = Command::new(binary)
-        .arg("worker")
-        .current_dir(repo())
-        .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
-        .env("KILN_INFERENCE__INTRA_THREADS", args.threads.to_string())
-        .env("KILN_TELEMETRY__FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln binary");
-    let mut log = BufReader::new(worker.stderr.take().unwrap()).lines();
-    loop {
-        let line = log.next().expect("the worker exited before it was ready").unwrap();
-        if line.contains("worker ready") {
-            break;
+impl Worker {
+    fn spawn(threads: usize, batch: usize) -> Self {
+        let settings = settings(threads);
+        let binary = Path::new(env!("CARGO_BIN_EXE_kiln"));
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .arg("worker")
+            .current_dir(repo())
+            .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
+            .env("KILN_INFERENCE__INTRA_THREADS", threads.to_string())
+            .env("KILN_BATCHING__MAX_BATCH_SIZE", batch.to_string())
+            // Requests are published all at once: batches fill without waiting.
+            .env("KILN_BATCHING__MAX_QUEUE_DELAY_MS", "0")
+            .env("KILN_AMQP__PREFETCH", (4 * batch).max(16).to_string())
+            .env("KILN_HTTP__BIND", "127.0.0.1:0")
+            .env("KILN_HEARTBEAT__ENABLED", "false")
+            .env("KILN_TELEMETRY__FORMAT", "json")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln binary");
+        // Cold start: process start to "worker ready" (models loaded and warmed, queues consumed).
+        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = log.next().expect("the worker exited before it was ready").unwrap();
+            if line.contains("worker ready") {
+                break;
+            }
+        }
+        let cold_start = started.elapsed().as_secs_f64();
+        std::thread::spawn(move || for _ in log {});
+        Self {
+            child,
+            settings,
+            cold_start,
         }
     }
-    let cold_start = started.elapsed().as_secs_f64();
-    std::thread::spawn(move || for _ in log {});
 
+    fn stop(mut self, rt: &tokio::runtime::Runtime) -> f64 {
+        let rss = peak_rss_mib(self.child.id());
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let topology = Topology::for_settings(&self.settings);
+        rt.block_on(async {
+            if let Ok(c) = lapin::Connection::connect(
+                secrecy::ExposeSecret::expose_secret(&self.settings.amqp.url),
+                Default::default(),
+            )
+            .await
+            {
+                let ch = c.create_channel().await.unwrap();
+                let queues = topology
+                    .request_queues
+                    .iter()
+                    .map(|q| &q.name)
+                    .chain(topology.delay_queues.iter().map(|(_, n)| n))
+                    .chain([&topology.dead_letter_queue]);
+                for q in queues {
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                }
+                for e in [
+                    &topology.results,
+                    &topology.dead_letter_exchange,
+                    &topology.requeue_exchange,
+                    &topology.requeue_fallback,
+                ] {
+                    let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+                }
+            }
+        });
+        rss
+    }
+}
+
+fn main() {
+    let args = args();
+    let runtime = Runtime::init(&settings(args.threads).inference).expect("ONNX Runtime (run scripts/setup.sh)");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut producer = rt
-        .block_on(Producer::connect(&settings.amqp.url, &topology.requests))
-        .unwrap();
+    let workers: Vec<(usize, Worker)> = args
+        .batches
+        .iter()
+        .map(|&b| (b, Worker::spawn(args.threads, b)))
+        .collect();
+    let cold_start = workers[0].1.cold_start;
+    let mut producers: Vec<Producer> = workers
+        .iter()
+        .map(|(_, w)| {
+            let queue = Topology::new(&w.settings.amqp.topology).requests;
+            rt.block_on(Producer::connect(&w.settings.amqp.url, &queue)).unwrap()
+        })
+        .collect();
+
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let photo = jpeg_of_size(size);
-        rt.block_on(worker_images_per_second(&mut producer, &photo, 3)); // warm-up at this size
-        let (mut raw, mut e2e) = (Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
-            let r = raw_images_per_second(&runtime, &photo, size, args.seconds);
-            let count = ((r * args.seconds).round() as usize).max(8);
-            raw.push(r);
-            e2e.push(rt.block_on(worker_images_per_second(&mut producer, &photo, count)));
+        for ((batch, _), producer) in workers.iter().zip(&mut producers) {
+            let batch = *batch;
+            rt.block_on(worker_images_per_second(producer, &photo, 2 * batch)); // warm-up at this size
+            let (mut raw, mut e2e) = (Vec::new(), Vec::new());
+            for _ in 0..args.rounds {
+                let r = raw_images_per_second(&runtime, &photo, size, batch, args.seconds);
+                let count = ((r * args.seconds).round() as usize).max(4 * batch);
+                raw.push(r);
+                e2e.push(rt.block_on(worker_images_per_second(producer, &photo, count)));
+            }
+            let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
+            let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
+            let last = e2e.last().unwrap();
+            // Each round's worker rate over the raw rate just before it: how much noise is in the mean.
+            let mut paired: Vec<f64> = raw.iter().zip(&e2e).map(|(r, w)| w.images_per_second / r).collect();
+            paired.sort_by(f64::total_cmp);
+            rows.push(serde_json::json!({
+                "size": size,
+                "batch": batch,
+                "raw_images_per_second": raw,
+                "worker_images_per_second": e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>(),
+                "raw_mean": raw_mean,
+                "worker_mean": e2e_mean,
+                "ratio": e2e_mean / raw_mean,
+                "paired_ratios_sorted": paired,
+                "worker_mean_ms": {"preprocess": last.preprocess_ms, "inference": last.inference_ms, "encode": last.encode_ms},
+                "request_bytes": last.request_bytes,
+                "reply_png_bytes": last.reply_bytes,
+            }));
+            eprintln!(
+                "size {size} batch {batch}: raw {raw:.2?} img/s, worker {:.2?} img/s",
+                e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>()
+            );
         }
-        let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
-        let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
-        let last = e2e.last().unwrap();
-        // Each round's worker rate over the raw rate just before it: how much noise is in the mean.
-        let mut paired: Vec<f64> = raw.iter().zip(&e2e).map(|(r, w)| w.images_per_second / r).collect();
-        paired.sort_by(f64::total_cmp);
-        rows.push(serde_json::json!({
-            "size": size,
-            "raw_images_per_second": raw,
-            "worker_images_per_second": e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>(),
-            "raw_mean": raw_mean,
-            "worker_mean": e2e_mean,
-            "ratio": e2e_mean / raw_mean,
-            "paired_ratios_sorted": paired,
-            "worker_mean_ms": {"preprocess": last.preprocess_ms, "inference": last.inference_ms, "encode": last.encode_ms},
-            "request_bytes": last.request_bytes,
-            "reply_png_bytes": last.reply_bytes,
-        }));
-        eprintln!(
-            "size {size}: raw {raw:.2?} img/s, worker {:.2?} img/s",
-            e2e.iter().map(|w| w.images_per_second).collect::<Vec<_>>()
-        );
     }
-    rt.block_on(producer.close());
-    let rss = peak_rss_mib(worker.id());
-    let _ = Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status();
-    let _ = worker.wait();
-    rt.block_on(async {
-        if let Ok(c) = lapin::Connection::connect(
-            secrecy::ExposeSecret::expose_secret(&settings.amqp.url),
-            Default::default(),
-        )
-        .await
-        {
-            let ch = c.create_channel().await.unwrap();
-            for q in [&topology.requests, &topology.dead_letter_queue] {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for e in [&topology.results, &topology.dead_letter_exchange] {
-                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
-            }
-        }
-    });
+    for producer in producers {
+        rt.block_on(producer.close());
+    }
+    let rss = workers.into_iter().map(|(_, w)| w.stop(&rt)).fold(0.0f64, f64::max);
+
+    // Batching gain per size: best batch ÷ batch 1, raw and worker.
+    let gains: Vec<serde_json::Value> = args
+        .sizes
+        .iter()
+        .filter_map(|&size| {
+            let of = |batch: usize, key: &str| {
+                rows.iter()
+                    .find(|r| r["size"] == size && r["batch"] == batch)
+                    .map(|r| r[key].as_f64().unwrap())
+            };
+            let (raw1, worker1) = (of(1, "raw_mean")?, of(1, "worker_mean")?);
+            let best_raw = args
+                .batches
+                .iter()
+                .filter_map(|&b| of(b, "raw_mean"))
+                .fold(0.0, f64::max);
+            let best_worker = args
+                .batches
+                .iter()
+                .filter_map(|&b| of(b, "worker_mean"))
+                .fold(0.0, f64::max);
+            let (raw_gain, worker_gain) = (best_raw / raw1, best_worker / worker1);
+            Some(serde_json::json!({
+                "size": size, "raw_gain": raw_gain, "worker_gain": worker_gain,
+                "captured": worker_gain / raw_gain,
+            }))
+        })
+        .collect();
 
     let wire: Vec<serde_json::Value> = args.sizes.iter().map(|&size| wire_costs(size)).collect();
     let report = serde_json::json!({
@@ -325,6 +422,7 @@ fn main() {
         "cold_start_seconds": cold_start,
         "worker_peak_rss_mib": rss,
         "sizes": rows,
+        "batching_gain": gains,
     });
     std::fs::create_dir_all(repo().join("target/bench")).unwrap();
     std::fs::write(
@@ -338,16 +436,17 @@ fn main() {
         args.threads
     );
     println!(
-        "| size | raw ort img/s (mean of {0}) | worker img/s (mean of {0}) | worker ÷ raw | per-round ratios, min–max | worker ms: decode+resize / inference / PNG | request / reply bytes |",
+        "| size | batch | raw ort img/s (mean of {0}) | worker img/s (mean of {0}) | worker ÷ raw | per-round ratios, min–max | worker ms: decode+resize / inference / PNG | request / reply bytes |",
         args.rounds
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let paired = r["paired_ratios_sorted"].as_array().unwrap();
         let ms = &r["worker_mean_ms"];
         println!(
-            "| {} | {:.2} | {:.2} | **{:.3}** | {:.2}–{:.2} | {:.1} / {:.1} / {:.1} | {} / {} |",
+            "| {} | {} | {:.2} | {:.2} | **{:.3}** | {:.2}–{:.2} | {:.1} / {:.1} / {:.1} | {} / {} |",
             r["size"],
+            r["batch"],
             r["raw_mean"].as_f64().unwrap(),
             r["worker_mean"].as_f64().unwrap(),
             r["ratio"].as_f64().unwrap(),
@@ -358,6 +457,17 @@ fn main() {
             ms["encode"].as_f64().unwrap(),
             r["request_bytes"],
             r["reply_png_bytes"],
+        );
+    }
+    println!("\n| size | raw gain (best batch ÷ batch 1) | worker gain | worker gain ÷ raw gain |");
+    println!("| --- | --- | --- | --- |");
+    for g in &gains {
+        println!(
+            "| {} | {:.3} | {:.3} | **{:.3}** |",
+            g["size"],
+            g["raw_gain"].as_f64().unwrap(),
+            g["worker_gain"].as_f64().unwrap(),
+            g["captured"].as_f64().unwrap(),
         );
     }
     println!("\n| size | JPEG in / request JSON bytes | parse + base64 ms | PNG fast: ms / bytes | PNG default: ms / bytes |");

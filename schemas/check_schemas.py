@@ -112,6 +112,7 @@ EXPECTED_INVALID: dict[str, tuple[str, str]] = {
     "reply-deferred-null-request-id.json": ("/request_id", "type"),
     "reply-deferred-unknown-reason.json": ("/deferred/reason", "enum"),
     "reply-deferred-count-zero.json": ("/deferred/count", "minimum"),
+    "reply-degraded-unknown-reason.json": ("/degraded/reason", "enum"),
     "reply-deferred-retry-after-string.json": ("/deferred/retry_after_ms", "type"),
     "reply-deferred-extra-field.json": ("/deferred", "additionalProperties"),
     "reply-ok-with-deferred.json": ("/deferred", "type"),
