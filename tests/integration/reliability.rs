@@ -296,3 +296,107 @@ async fn on_sigterm_the_worker_finishes_what_it_holds_and_exits_cleanly() {
     producer.close().await;
     delete_topology(&topology).await;
 }
+
+#[tokio::test]
+async fn under_load_a_terminated_worker_drains_and_the_fleet_loses_and_repeats_nothing() {
+    // Two worker processes share the queues (the shared one and a tier's) while a producer keeps
+    // sending; one gets SIGTERM mid-stream, as in a Kubernetes scale-down. It must stop taking
+    // requests, answer what it holds, exit 0 inside its grace period, and every request must get
+    // exactly one final reply, from one worker or the other.
+    let mut settings = test_settings();
+    settings.amqp.prefetch = 4;
+    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let grace = Duration::from_secs(20);
+    let grace_ms = grace.as_millis().to_string();
+    let extra = [("KILN_WORKER__SHUTDOWN_GRACE_MS", grace_ms.as_str())];
+    let mut leaving = WorkerProcess::spawn(&settings, &extra);
+    let mut staying = WorkerProcess::spawn(&settings, &extra);
+    leaving.wait_for_log("worker ready", START_TIMEOUT).await;
+    staying.wait_for_log("worker ready", START_TIMEOUT).await;
+
+    let photo = read("tests/data/astronaut-256.png");
+    let mut shared = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+        .await
+        .unwrap();
+    let mut pro = kiln::submit::Producer::connect(&settings.amqp.url, &topology.tier_queue("pro"))
+        .await
+        .unwrap();
+    let total = 60;
+    let mut sent = std::collections::HashSet::new();
+    let mut stopped_at = None;
+    for i in 0..total {
+        let req = request(&photo, Some(WireStyle::Index(i % 26)));
+        match i % 2 {
+            0 => shared.send(&req).await.unwrap(),
+            _ => pro.send(&req).await.unwrap(),
+        }
+        sent.insert(req.request_id);
+        // A burst first, so both workers have their hands full; then a steady stream.
+        if i == total / 3 {
+            leaving.terminate();
+            stopped_at = Some(Instant::now());
+        }
+        if i >= total / 3 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    let mut answered: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut workers = std::collections::HashSet::new();
+    while answered.values().sum::<usize>() < total as usize {
+        let reply = tokio::select! {
+            r = shared.next_reply(REPLY_TIMEOUT) => r,
+            r = pro.next_reply(REPLY_TIMEOUT) => r,
+        }
+        .expect("every request is answered");
+        assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
+        workers.insert(reply.document.worker_id.clone());
+        *answered.entry(reply.document.request_id.unwrap()).or_default() += 1;
+    }
+    assert!(answered.keys().all(|id| sent.contains(id)));
+    assert_eq!(answered.len(), total as usize, "nothing lost");
+    assert!(
+        answered.values().all(|n| *n == 1),
+        "nothing answered twice: {answered:?}"
+    );
+    assert_eq!(workers.len(), 2, "both workers served: {workers:?}");
+
+    let status = leaving.wait_exit(grace).await;
+    assert!(status.success(), "{}", leaving.log());
+    assert!(
+        stopped_at.unwrap().elapsed() < grace,
+        "the terminated worker exited inside its grace period"
+    );
+    assert_eq!(leaving.count("worker stopped"), 1);
+    let drain = leaving
+        .log()
+        .lines()
+        .find(|l| l.contains("finishing those held"))
+        .map(str::to_owned)
+        .expect("the worker logged its drain");
+    assert!(
+        !drain.contains("\"in_flight\":0"),
+        "it held requests when told to stop: {drain}"
+    );
+    assert_eq!(
+        leaving.count("grace period over"),
+        0,
+        "drained inside the grace period:\n{}",
+        leaving.log()
+    );
+
+    staying.terminate();
+    assert!(staying.wait_exit(REPLY_TIMEOUT).await.success());
+    for producer in [&mut shared, &mut pro] {
+        assert!(
+            producer.next_reply(Duration::from_millis(300)).await.is_err(),
+            "no duplicate replies"
+        );
+    }
+    for queue in &topology.request_queues {
+        assert_eq!(ready_messages(&queue.name).await, 0, "{} is empty", queue.name);
+    }
+    shared.close().await;
+    pro.close().await;
+    delete_topology(&topology).await;
+}
