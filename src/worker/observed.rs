@@ -1,7 +1,8 @@
 //! What the metrics learn about one delivery while it is handled, recorded once it is settled.
 //!
-//! Labels stay in small fixed sets: the model only when this worker serves it, the tier only as
-//! the limiter reported it (a configured tier), otherwise `unknown`.
+//! Labels stay in small fixed sets: the model only when this worker serves it; the tier as the
+//! limiter reported it, else the request queue's (both configured tiers; the shared queue counts as
+//! the default tier), and `unknown` for a request that never parsed.
 
 use std::time::Instant;
 
