@@ -263,6 +263,8 @@ impl Worker {
             // Requests are published all at once: batches fill without waiting.
             .env("KILN_BATCHING__MAX_QUEUE_DELAY_MS", "0")
             .env("KILN_AMQP__PREFETCH", (4 * batch).max(16).to_string())
+            // The limiter has its own benchmark (benches/limiter.rs); here one user sends everything.
+            .env("KILN_RATE_LIMIT__ENABLED", "false")
             .env("KILN_HTTP__BIND", "127.0.0.1:0")
             .env("KILN_HEARTBEAT__ENABLED", "false")
             .env("KILN_TELEMETRY__FORMAT", "json")
@@ -301,24 +303,7 @@ impl Worker {
             )
             .await
             {
-                let ch = c.create_channel().await.unwrap();
-                let queues = topology
-                    .request_queues
-                    .iter()
-                    .map(|q| &q.name)
-                    .chain(topology.delay_queues.iter().map(|(_, n)| n))
-                    .chain([&topology.dead_letter_queue]);
-                for q in queues {
-                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                }
-                for e in [
-                    &topology.results,
-                    &topology.dead_letter_exchange,
-                    &topology.requeue_exchange,
-                    &topology.requeue_fallback,
-                ] {
-                    let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
-                }
+                topology.delete(&c.create_channel().await.unwrap()).await;
             }
         });
         rss

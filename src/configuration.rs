@@ -308,8 +308,9 @@ impl Default for ModelSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingSettings {
-    /// Most requests in one model run. Default 4 (BENCHMARKS.md: on CPU larger batches gain
-    /// nothing; on a GPU raise it, 16 at 256 px).
+    /// Most requests in one model run; 0 (default) chooses by execution provider, as measured
+    /// (BENCHMARKS.md): 16 on CUDA (H200, 256 px: 4.6× the images/s of batch 1), 1 on CPU (no
+    /// throughput gain from batching there, and a batch holds back the next tier's request).
     pub max_batch_size: usize,
     /// Longest a request waits for others to share its batch when the device is idle. Under load
     /// the device is never idle and batches fill without waiting. Default 2 ms.
@@ -326,7 +327,7 @@ pub struct BatchingSettings {
 impl Default for BatchingSettings {
     fn default() -> Self {
         Self {
-            max_batch_size: 4,
+            max_batch_size: 0,
             max_queue_delay_ms: 2,
             shape_bucket: 0,
             models: Default::default(),
@@ -347,11 +348,16 @@ pub struct ModelBatching {
 }
 
 impl BatchingSettings {
-    /// The batch limits for a model.
-    pub fn limits(&self, model: &str) -> crate::inference::BatchLimits {
+    /// The batch limits for a model on a device with (`gpu`) or without a GPU.
+    pub fn limits(&self, model: &str, gpu: bool) -> crate::inference::BatchLimits {
         let own = self.models.get(model).cloned().unwrap_or_default();
+        let size = match own.max_batch_size.unwrap_or(self.max_batch_size) {
+            0 if gpu => 16,
+            0 => 1,
+            n => n,
+        };
         crate::inference::BatchLimits {
-            max_batch_size: own.max_batch_size.unwrap_or(self.max_batch_size).max(1),
+            max_batch_size: size,
             max_queue_delay: std::time::Duration::from_millis(
                 own.max_queue_delay_ms.unwrap_or(self.max_queue_delay_ms),
             ),

@@ -503,25 +503,7 @@ async fn delete(settings: &Settings, topology: &Topology) {
         return;
     };
     if let Ok(channel) = connection.create_channel().await {
-        let queues = topology
-            .request_queues
-            .iter()
-            .map(|q| q.name.clone())
-            .chain(topology.delay_queues.iter().map(|(_, n)| n.clone()))
-            .chain([topology.dead_letter_queue.clone()]);
-        for queue in queues {
-            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
-        }
-        for exchange in [
-            &topology.results,
-            &topology.dead_letter_exchange,
-            &topology.requeue_exchange,
-            &topology.requeue_fallback,
-        ] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
+        topology.delete(&channel).await;
     }
     let _ = connection.close(200, "bench cleanup".into()).await;
     if let Ok(client) = redis::Client::open(settings.rate_limit.redis_url.expose_secret()) {

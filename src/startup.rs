@@ -58,7 +58,8 @@ impl Application {
         );
         let registry = Arc::new(ModelRegistry::load(&settings.models, &settings.batching)?);
         let runtime = Runtime::init(&settings.inference)?;
-        let engine = InferenceEngine::start(&registry, runtime, engine_options(&settings, &registry, &schedule))?;
+        let options = engine_options(&settings, &registry, &schedule, runtime.provider());
+        let engine = InferenceEngine::start(&registry, runtime, options)?;
         let cpu = Arc::new(CpuPool::new(settings.worker.cpu_threads, settings.worker.cpu_nice)?);
         let limiter = match settings.rate_limit.enabled {
             true => Some(Arc::new(Limiter::new(settings.rate_limit.clone())?)),
@@ -260,12 +261,18 @@ impl Application {
 }
 
 /// The inference thread's batching and priorities, from the settings.
-fn engine_options(settings: &Settings, registry: &ModelRegistry, schedule: &Schedule) -> EngineOptions {
+fn engine_options(
+    settings: &Settings,
+    registry: &ModelRegistry,
+    schedule: &Schedule,
+    provider: ActiveProvider,
+) -> EngineOptions {
+    let gpu = matches!(provider, ActiveProvider::Cuda { .. });
     let batch_limits = registry
         .iter()
         .map(|manifest| {
             let limits = match manifest.pipeline {
-                PipelineSpec::StyleBank(_) => settings.batching.limits(&manifest.name),
+                PipelineSpec::StyleBank(_) => settings.batching.limits(&manifest.name, gpu),
                 // Its two networks take one sample at a time: nothing to wait for.
                 PipelineSpec::ArbitraryStyle(_) => BatchLimits {
                     max_batch_size: 1,
@@ -280,7 +287,7 @@ fn engine_options(settings: &Settings, registry: &ModelRegistry, schedule: &Sche
         warmup: settings.models.warmup,
         class_weights: schedule.weights(),
         batch_limits,
-        default_batch_limits: settings.batching.limits(""),
+        default_batch_limits: settings.batching.limits("", gpu),
     }
 }
 

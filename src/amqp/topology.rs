@@ -256,6 +256,32 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Delete every queue and exchange [`Topology::declare`] declares, with whatever they hold
+    /// (tests and benchmarks clean up with it). Best effort: what is already gone is skipped.
+    pub async fn delete(&self, channel: &Channel) {
+        let queues = self
+            .request_queues
+            .iter()
+            .map(|q| &q.name)
+            .chain(self.delay_queues.iter().map(|(_, name)| name))
+            .chain([&self.dead_letter_queue]);
+        for queue in queues {
+            let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+        }
+        for exchange in [
+            &self.results,
+            &self.dead_letter_exchange,
+            &self.requeue_exchange,
+            &self.requeue_fallback,
+        ] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

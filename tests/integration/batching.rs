@@ -43,7 +43,7 @@ impl Direct {
             warmup: false,
             class_weights: vec![1.0],
             batch_limits: Default::default(),
-            default_batch_limits: settings.batching.limits(""),
+            default_batch_limits: settings.batching.limits("", false),
         };
         Self {
             engine: InferenceEngine::start(&registry, runtime, options).unwrap(),
@@ -180,7 +180,7 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
         warmup: false,
         class_weights: vec![1.0],
         batch_limits: Default::default(),
-        default_batch_limits: settings.batching.limits("multistyle26"),
+        default_batch_limits: settings.batching.limits("multistyle26", false),
     };
     let engine = InferenceEngine::start(&registry, runtime, options).unwrap();
     let handle = engine.handle();

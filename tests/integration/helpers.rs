@@ -13,7 +13,7 @@ use kiln::configuration::Settings;
 use kiln::domain::{RequestDocument, WireImage, WireParams, WireStyle, CONTRACT_VERSION};
 use kiln::startup::Application;
 use kiln::submit::Producer;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
@@ -226,28 +226,7 @@ pub async fn ready_messages(queue: &str) -> u32 {
 
 /// Delete everything a worker with this topology declared.
 pub async fn delete_topology(topology: &Topology) {
-    let channel = admin_channel().await;
-    let delay_queues = topology.delay_queues.iter().map(|(_, name)| name);
-    let request_queues = topology.request_queues.iter().map(|q| &q.name);
-    for queue in [&topology.dead_letter_queue]
-        .into_iter()
-        .chain(request_queues)
-        .chain(delay_queues)
-    {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for exchange in [
-        &topology.results,
-        &topology.dead_letter_exchange,
-        &topology.requeue_exchange,
-        &topology.requeue_fallback,
-    ] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
-    }
+    topology.delete(&admin_channel().await).await;
 }
 
 /// Delete the heartbeat exchange of a topology prefix (workers declare it when heartbeats are on).
