@@ -1,37 +1,48 @@
 #!/usr/bin/env bash
-# Priority under overload, in one run: `kiln bench` at 0.3x the measured capacity (the unloaded
-# reference), then at 3x, with the same tier mix; prints each run's table and the ratios the issue
-# asks for (paid p99 wait loaded ÷ unloaded, paid rejections, busy fraction, free answered or
-# deferred). JSON lands in target/bench/scheduling-{unloaded,overload}.json.
-#   scripts/bench-scheduling.sh [--duration-secs S] [--mix free=0.6,plus=0.2,pro=0.2] [--size 256]
+# Priority under overload, in one run (`kiln bench`, release build, a worker in-process with its own
+# queues and Redis keys):
+#   1. overload: 3x the measured capacity, mix free 0.8 / plus 0.1 / pro 0.1 (the paid tiers alone
+#      ask for 0.6x capacity: a viral free feature on top of normal paid traffic);
+#   2. paid alone: the same paid request rates, no free traffic: what paid users see when the free
+#      flood is absent (the "unloaded" reference for isolation);
+#   3. light: 0.3x capacity with the same mix (every tier near its floor).
+# Prints each run's table and the ratios (paid p99 wait at 3x ÷ paid alone, and ÷ light), paid
+# rejections, busy fraction, free answered or deferred. JSON: target/bench/scheduling-*.json.
+#   scripts/bench-scheduling.sh [--duration-secs S] [--size 256]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked --bin kiln
 mkdir -p target/bench
-run() {
-  local name=$1 load=$2
-  shift 2
-  echo "== load ${load}x capacity" >&2
-  RUST_LOG=warn target/release/kiln bench --load "$load" --json "target/bench/scheduling-$name.json" "$@"
+bench() {
+  local name=$1
+  shift
+  echo "== $name: kiln bench $*" >&2
+  RUST_LOG=warn target/release/kiln bench --json "target/bench/scheduling-$name.json" "$@"
 }
-run unloaded 0.3 "$@"
-run overload 3 "$@"
+bench overload --load 3 --mix free=0.8,plus=0.1,pro=0.1 "$@"
+paid_rate=$(.venv/bin/python -c 'import json; print(json.load(open("target/bench/scheduling-overload.json"))["offered_per_sec"] * 0.2)')
+bench paid-alone --rate "$paid_rate" --mix plus=0.5,pro=0.5 "$@"
+bench light --load 0.3 --mix free=0.8,plus=0.1,pro=0.1 "$@"
 .venv/bin/python - <<'PY'
 import json
-u = json.load(open("target/bench/scheduling-unloaded.json"))
-o = json.load(open("target/bench/scheduling-overload.json"))
+runs = {n: json.load(open(f"target/bench/scheduling-{n}.json")) for n in ("overload", "paid-alone", "light")}
+o, a, l = runs["overload"], runs["paid-alone"], runs["light"]
 print()
-print("| tier | p99 wait unloaded ms | p99 wait at 3x ms | ratio | p99 total unloaded / 3x ms | rejected at 3x | deferred at 3x | answered or deferred at 3x |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| tier | p99 wait at 3x ms | paid alone ms | **3x ÷ paid alone** | light (0.3x) ms | 3x ÷ light | p99 total at 3x / alone ms | rejected at 3x | deferred at 3x | answered or deferred at 3x |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for tier, t in o["tiers"].items():
-    base = u["tiers"].get(tier, {"wait_ms": [0, 0, 0], "total_ms": [0, 0, 0]})
-    ratio = t["wait_ms"][2] / base["wait_ms"][2] if base["wait_ms"][2] else float("nan")
-    accounted = t["sent"] - t["unanswered"]
-    print(f"| {tier} | {base['wait_ms'][2]:.0f} | {t['wait_ms'][2]:.0f} | **{ratio:.2f}** | "
-          f"{base['total_ms'][2]:.0f} / {t['total_ms'][2]:.0f} | {t['rejected']} | {t['deferred']} | {accounted} of {t['sent']} |")
+    alone = a["tiers"].get(tier)
+    light = l["tiers"][tier]
+    r_alone = f"**{t['wait_ms'][2] / alone['wait_ms'][2]:.2f}**" if alone else "-"
+    alone_ms = f"{alone['wait_ms'][2]:.0f}" if alone else "-"
+    alone_total = f"{alone['total_ms'][2]:.0f}" if alone else "-"
+    print(f"| {tier} | {t['wait_ms'][2]:.0f} | {alone_ms} | {r_alone} | {light['wait_ms'][2]:.0f} | "
+          f"{t['wait_ms'][2] / light['wait_ms'][2]:.2f} | {t['total_ms'][2]:.0f} / {alone_total} | {t['rejected']} | "
+          f"{t['deferred']} | {t['sent'] - t['unanswered']} of {t['sent']} |")
 print()
 print(f"capacity {o['capacity_per_sec']:.1f} img/s; at 3x: offered {o['offered_per_sec']:.1f} req/s, "
       f"delivered {o['images_per_sec']:.1f} img/s, inference busy **{o['busy_fraction'] * 100:.1f}%**, "
-      f"mean batch {o['mean_batch_size']:.2f}; unloaded: busy {u['busy_fraction'] * 100:.1f}%, mean batch {u['mean_batch_size']:.2f}")
+      f"mean batch {o['mean_batch_size']:.2f}; paid alone: offered {a['offered_per_sec']:.1f} req/s, busy "
+      f"{a['busy_fraction'] * 100:.1f}%; light: busy {l['busy_fraction'] * 100:.1f}%")
 PY

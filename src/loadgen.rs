@@ -89,6 +89,12 @@ pub struct TierReport {
     pub images_per_sec: f64,
     /// Wait before the device (broker + batcher), ms: p50, p95, p99 of ok replies.
     pub wait_ms: [f64; 3],
+    /// Of that wait, the broker's part (created to received by the worker), ms: p50, p95, p99.
+    pub queue_wait_ms: [f64; 3],
+    /// Of that wait, the batcher's part (prepared to its batch starting), ms: p50, p95, p99.
+    pub batch_wait_ms: [f64; 3],
+    /// Decoding and laying out, ms: p50, p95, p99.
+    pub preprocess_ms: [f64; 3],
     /// Publish to reply, ms: p50, p95, p99 of ok replies.
     pub total_ms: [f64; 3],
 }
@@ -359,7 +365,7 @@ fn summarize(
     after: crate::inference::EngineSnapshot,
 ) -> BenchReport {
     let mut tiers: BTreeMap<String, TierReport> = BTreeMap::new();
-    let mut samples: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    let mut samples: HashMap<String, [Vec<f64>; 5]> = HashMap::new();
     let window_end = started + sending;
     let mut images_in_window = 0usize;
     for (sent, outcome) in book.into_values() {
@@ -385,10 +391,13 @@ fn summarize(
                     t.images_in_window += 1;
                 }
                 let timings = &doc.timings_ms;
-                let wait = timings.queue_wait.unwrap_or(0.0) + timings.batch_wait.unwrap_or(0.0);
+                let (queue, batch) = (timings.queue_wait.unwrap_or(0.0), timings.batch_wait.unwrap_or(0.0));
                 let s = samples.entry(sent.tier.clone()).or_default();
-                s.0.push(wait);
-                s.1.push((at - sent.at).as_secs_f64() * 1000.0);
+                s[0].push(queue + batch);
+                s[1].push((at - sent.at).as_secs_f64() * 1000.0);
+                s[2].push(queue);
+                s[3].push(batch);
+                s[4].push(timings.preprocess);
             }
             (_, Some("rate_limited")) => t.rejected += 1,
             (_, Some("expired")) => t.expired += 1,
@@ -397,9 +406,12 @@ fn summarize(
     }
     let seconds = sending.as_secs_f64();
     for (tier, t) in &mut tiers {
-        if let Some((wait, total)) = samples.get_mut(tier) {
+        if let Some([wait, total, queue, batch, preprocess]) = samples.get_mut(tier) {
             t.wait_ms = percentiles(wait);
             t.total_ms = percentiles(total);
+            t.queue_wait_ms = percentiles(queue);
+            t.batch_wait_ms = percentiles(batch);
+            t.preprocess_ms = percentiles(preprocess);
         }
         t.images_per_sec = t.images_in_window as f64 / seconds;
     }
@@ -427,17 +439,20 @@ fn print(r: &BenchReport) {
         r.mean_batch_size
     );
     println!(
-        "| tier | sent | ok | img/s | wait p50/p95/p99 ms | total p50/p95/p99 ms | rejected | deferred | degraded | expired | other errors | unanswered |"
+        "| tier | sent | ok | img/s | wait p50/p95/p99 ms | of which broker / batcher p99 ms | preprocess p99 ms | total p50/p95/p99 ms | rejected | deferred | degraded | expired | other errors | unanswered |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (tier, t) in &r.tiers {
         let p = |v: [f64; 3]| format!("{:.0} / {:.0} / {:.0}", v[0], v[1], v[2]);
         println!(
-            "| {tier} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {tier} | {} | {} | {:.1} | {} | {:.0} / {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             t.sent,
             t.ok,
             t.images_per_sec,
             p(t.wait_ms),
+            t.queue_wait_ms[2],
+            t.batch_wait_ms[2],
+            t.preprocess_ms[2],
             p(t.total_ms),
             t.rejected,
             t.deferred,
