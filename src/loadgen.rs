@@ -286,7 +286,9 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
                 while pending.len() < in_flight {
                     let doc = make(&tier, n);
                     n += 1;
-                    send(doc.clone(), tier.clone()).await?;
+                    tokio::time::timeout(Duration::from_secs(60), send(doc.clone(), tier.clone()))
+                        .await
+                        .context("the broker did not confirm a request within 60 s")??;
                     pending.push(wait_final(Arc::clone(&book), doc.request_id, Duration::from_secs(120)));
                 }
                 pending.next().await;
@@ -341,17 +343,21 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
 
     let book = std::mem::take(&mut *book.lock().await);
     let report = summarize(book, capacity, offered, sending, started, before, after);
-    // The worker's inference thread ends only once every handle to it is gone, this one included.
-    drop(engine);
-    let _ = stop_tx.send(());
-    worker.await??;
-    reader.abort();
-    let _ = connection.close(200, "bench done".into()).await;
-    delete(&settings, &topology).await;
     print(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
+    // The worker's inference thread ends only once every handle to it is gone, this one included.
+    drop(engine);
+    let _ = stop_tx.send(());
+    let grace = Duration::from_millis(settings.worker.shutdown_grace_ms) + Duration::from_secs(30);
+    match tokio::time::timeout(grace, worker).await {
+        Ok(stopped) => stopped??,
+        Err(_) => tracing::error!("the bench's worker did not stop within its grace period"),
+    }
+    reader.abort();
+    let _ = connection.close(200, "bench done".into()).await;
+    delete(&settings, &topology).await;
     Ok(report)
 }
 

@@ -5,8 +5,8 @@
 //! (`<prefix>.requests.<tier>`, next to the shared `<prefix>.requests`), so a paid request never
 //! waits behind a free backlog *in the broker*; inside the worker the inference thread's batcher
 //! shares the device between the tiers that have work waiting, by weight (weighted fair queueing:
-//! with weights free 1, pro 4, a saturated device gives pro 4/5 of its images and free 1/5, and pro
-//! gets all it asks for when it asks for less). See ARCHITECTURE.md for why queues per tier rather
+//! with weights free 1, pro 20, a saturated device gives pro 20/21 of its images and free 1/21, and
+//! pro gets all it asks for when it asks for less, free the rest). See ARCHITECTURE.md for why queues per tier rather
 //! than one priority queue.
 //!
 //! A request's tier is the one the limiter found for its user in Redis; without a limiter, or before
@@ -69,7 +69,10 @@ pub struct SchedulingSettings {
     /// `<prefix>.requests`. Default true.
     pub tier_queues: bool,
     /// Share of the device per tier when it is saturated, as weights (> 0). Tiers not named weigh 1.
-    /// Default free 1, plus 2, pro 4, enterprise 8.
+    /// Default free 1, plus 10, pro 20, enterprise 40: the device is work-conserving, so free gets
+    /// everything the paid tiers leave; the weights only decide while paid work waits too, and
+    /// then free still gets at least 1/71 of the device (1/11 against plus alone). Smaller paid
+    /// weights let a free flood slow paid bursts (BENCHMARKS.md).
     pub weights: BTreeMap<String, f64>,
     /// Default deadline per tier, in ms after the request's creation, for requests that carry none:
     /// past it the request is answered `expired` without using the device. Tiers not named have
@@ -85,9 +88,9 @@ impl Default for SchedulingSettings {
             tier_queues: true,
             weights: BTreeMap::from([
                 ("free".into(), 1.0),
-                ("plus".into(), 2.0),
-                ("pro".into(), 4.0),
-                ("enterprise".into(), 8.0),
+                ("plus".into(), 10.0),
+                ("pro".into(), 20.0),
+                ("enterprise".into(), 40.0),
             ]),
             deadlines_ms: BTreeMap::from([("free".into(), 600_000)]),
             overload: OverloadSettings::default(),
@@ -220,7 +223,7 @@ mod tests {
         let s = Schedule::new(&SchedulingSettings::default(), &TIERS, "free").unwrap();
         let order: Vec<&str> = s.classes().iter().map(|c| c.tier.as_str()).collect();
         assert_eq!(order, ["enterprise", "pro", "plus", "free"]);
-        assert_eq!(s.weights(), [8.0, 4.0, 2.0, 1.0]);
+        assert_eq!(s.weights(), [40.0, 20.0, 10.0, 1.0]);
         assert_eq!(s.class_of(Some("pro")), 1);
         assert_eq!(s.class_of(Some("gold")), 3);
         assert_eq!(s.class_of(None), 3);
