@@ -76,10 +76,15 @@ impl ModelRegistry {
             PipelineSpec::StyleBank(spec) => style_bank::check(manifest, spec, request).map(drop)?,
             PipelineSpec::ArbitraryStyle(_) => arbitrary_style::check(manifest, request).map(drop)?,
         }
-        let limits = &manifest.limits;
-        let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
-        let (w, h) = super::request_output_size(limits, request, dims)?;
+        let (w, h) = self.output_size(request)?;
         Ok(u64::from(w) * u64::from(h))
+    }
+
+    /// The size of the image a request will get, from the image header alone (no decoding).
+    pub fn output_size(&self, request: &GenerationRequest) -> Result<(u32, u32), RequestError> {
+        let limits = &self.get(&request.model)?.limits;
+        let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
+        super::request_output_size(limits, request, dims)
     }
 
     /// Decode and check a request's inputs against its model, and lay them out for the network.

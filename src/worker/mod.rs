@@ -150,7 +150,14 @@ impl Worker {
                     },
                     None => {
                         if overloaded && schedule.class(class).overload == OverloadAction::Degrade {
-                            request.size_cap = Some(schedule.overload.degrade_max_side);
+                            // Only a request that would come out larger than the cap is degraded.
+                            let cap = schedule.overload.degrade_max_side;
+                            let larger = self
+                                .services
+                                .registry
+                                .output_size(&request)
+                                .is_ok_and(|(w, h)| w.max(h) > cap);
+                            request.size_cap = larger.then_some(cap);
                         }
                         let limiter = self.services.limiter.as_deref();
                         admission::admit(limiter, &self.services.registry, &request, deferrals(&delivery)).await

@@ -298,6 +298,14 @@ async fn an_overloaded_worker_defers_the_free_tier_and_degrades_plus() {
     let info = reply.document.image.as_ref().unwrap();
     assert_eq!((info.width, info.height), (128, 128));
 
+    // A plus request already smaller than the cap is served as asked, not marked degraded.
+    let mut small = old(4);
+    small.params.size = Some(96);
+    let reply = plus.request(&small, REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(reply.document.status, ReplyStatus::Ok);
+    assert!(reply.document.degraded.is_none());
+    assert_eq!(reply.document.image.as_ref().unwrap().width, 96);
+
     // Free: deferred (a notice), and still late when it comes back, so deferred again, until its
     // deadline makes it final: every request is answered, never dropped.
     let mut free = kiln::submit::Producer::connect(&settings.amqp.url, &app.topology.tier_queue("free"))
