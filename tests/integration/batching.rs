@@ -9,7 +9,7 @@ use kiln::configuration::Settings;
 use kiln::domain::{ErrorCode, GenerationRequest, ReplyStatus, WireStyle};
 use kiln::inference::{InferenceEngine, InferenceError, JobOptions, ModelRegistry, Runtime};
 
-use crate::helpers::{decode_png, read, request, spawn_app_with, test_settings, REPLY_TIMEOUT};
+use crate::helpers::{decode_png, read, ready_messages, request, spawn_app_with, test_settings, REPLY_TIMEOUT};
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap()
@@ -227,8 +227,9 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
 
 #[tokio::test]
 async fn with_the_free_queue_full_a_pro_request_is_served_next() {
-    // One worker, batches of 1: a hundred free requests wait in kiln.requests.free, then one pro
-    // request arrives in kiln.requests.pro. It must be answered long before the free backlog.
+    // One worker, batches of 1: free requests pile up in kiln.requests.free (the worker holds at
+    // most its prefetch of them), then one pro request arrives in kiln.requests.pro. It must be
+    // served before everything that was still waiting in the broker.
     let mut settings = test_settings();
     settings.models.enabled = vec!["multistyle26".into()];
     settings.batching.max_batch_size = 1;
@@ -241,10 +242,20 @@ async fn with_the_free_queue_full_a_pro_request_is_served_next() {
     let mut free = kiln::submit::Producer::connect(&settings.amqp.url, &free_queue)
         .await
         .unwrap();
-    let free_requests: Vec<_> = (0..100).map(|_| request(&photo, Some(WireStyle::Index(2)))).collect();
+    let total = 200;
+    let free_requests: Vec<_> = (0..total).map(|_| request(&photo, Some(WireStyle::Index(2)))).collect();
     let free_task = tokio::spawn(async move { free.request_many(&free_requests, REPLY_TIMEOUT * 4).await });
-    // Let the backlog build up and the worker get busy with it.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Wait until a real backlog waits in the broker, behind what the worker already holds.
+    let started = Instant::now();
+    let mut backlog = 0;
+    while backlog < 100 {
+        assert!(
+            started.elapsed() < REPLY_TIMEOUT,
+            "no free backlog built up ({backlog})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        backlog = ready_messages(&free_queue).await;
+    }
     let mut pro = kiln::submit::Producer::connect(&settings.amqp.url, &pro_queue)
         .await
         .unwrap();
@@ -259,10 +270,14 @@ async fn with_the_free_queue_full_a_pro_request_is_served_next() {
         .iter()
         .filter(|r| r.received_at > sent + pro_latency)
         .count();
+    // What was still in the broker when the pro request was sent finished after it (less at most
+    // one prefetch window the worker took in while the pro request was on its way); without
+    // priority it would have waited for all of them.
+    let allowance = usize::from(settings.amqp.prefetch);
     assert!(
-        finished_after_pro >= 60,
-        "the pro request waited behind the free backlog: only {finished_after_pro} of 100 free replies came after it \
-         ({pro_latency:?})"
+        finished_after_pro + allowance >= backlog as usize,
+        "the pro request waited behind the free backlog: {finished_after_pro} of {total} free replies came after \
+         it, {backlog} were waiting in the broker ({pro_latency:?})"
     );
     assert!(free_replies.iter().all(|r| r.document.status == ReplyStatus::Ok));
     app.stop().await;
