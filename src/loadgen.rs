@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 use serde::Serialize;
@@ -170,31 +170,8 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     topology.declare(&channel).await?;
-    let reply_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?
-        .name()
-        .to_string();
+    let (reply_queue, mut consumer) = crate::amqp::private_reply_queue(&channel).await?;
     let book: Book = Arc::default();
-    let mut consumer = channel
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let reader = tokio::spawn({
         let book = Arc::clone(&book);
         async move {

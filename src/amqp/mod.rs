@@ -2,8 +2,10 @@
 
 pub mod connect;
 pub mod publisher;
+pub mod reply_queue;
 pub mod topology;
 
 pub use connect::connect_with_retry;
 pub use publisher::{OutgoingReply, PublishOutcome, ReplyPublisher, ReplyRoute, REPLY_HEADER, STATUS_HEADER};
+pub use reply_queue::private_reply_queue;
 pub use topology::Topology;
