@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln::domain::{ReplyStatus, WireImage, WireStyle};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use serde::Deserialize;
 
+use crate::helpers::consume;
 use crate::helpers::{decode_png, exclusive_queue, read, repo, request, spawn_app, REPLY_TIMEOUT};
 
 #[derive(Debug, Deserialize)]
@@ -144,18 +145,7 @@ async fn without_reply_to_the_reply_goes_to_the_results_exchange_by_request_id()
         )
         .await
         .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&channel, &queue).await;
 
     // Publish without reply_to or correlation_id, as a fire-and-forget producer would.
     channel

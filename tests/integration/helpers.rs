@@ -214,6 +214,22 @@ pub async fn exclusive_queue(channel: &Channel) -> String {
         .to_string()
 }
 
+/// Consume a test's own queue without acks.
+pub async fn consume(channel: &Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
 /// Messages ready in a queue (not counting unacknowledged ones).
 pub async fn ready_messages(queue: &str) -> u32 {
     admin_channel()

@@ -13,12 +13,13 @@ use kiln::domain::{ErrorCode, ReplyStatus, WireStyle};
 use kiln::observability::heartbeat;
 use kiln::rate_limit::AtLimit;
 use kiln::trace_context::TraceParent;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::helpers::consume;
 use crate::helpers::{
     admin_channel, exclusive_queue, free_port, read, repo, request, spawn_app_with, test_settings, TcpProxy, TestApp,
     WorkerProcess, REPLY_TIMEOUT,
@@ -464,18 +465,7 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
         )
         .await
         .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&channel, &queue).await;
     let schema = heartbeat_schema();
 
     // Beats made before the worker recorded that it consumes may still say `starting`.
@@ -626,18 +616,7 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 
 async fn reply_trace(channel: &Channel, requests: &str, headers: FieldTable) -> (TraceParent, Option<String>) {
     let replies = exclusive_queue(channel).await;
-    let mut consumer = channel
-        .basic_consume(
-            replies.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(channel, &replies).await;
     let photo = read("tests/data/astronaut-256.png");
     // A bad style: answered at once, and error replies must carry the trace as much as images.
     let body = serde_json::to_vec(&request(&photo, Some(WireStyle::Index(40)))).unwrap();
