@@ -45,4 +45,6 @@ print(f"capacity {o['capacity_per_sec']:.1f} img/s; at 3x: offered {o['offered_p
       f"delivered {o['images_per_sec']:.1f} img/s, inference busy **{o['busy_fraction'] * 100:.1f}%**, "
       f"mean batch {o['mean_batch_size']:.2f}; paid alone: offered {a['offered_per_sec']:.1f} req/s, busy "
       f"{a['busy_fraction'] * 100:.1f}%; light: busy {l['busy_fraction'] * 100:.1f}%")
+print(f"inference time per image (busy ÷ images): at 3x {o['busy_ms_per_image']:.1f} ms, paid alone "
+      f"{a['busy_ms_per_image']:.1f} ms, light {l['busy_ms_per_image']:.1f} ms")
 PY

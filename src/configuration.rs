@@ -292,6 +292,9 @@ pub struct ModelSettings {
     /// Run each model once at startup so the first request does not pay for lazy initialisation.
     /// Default true.
     pub warmup: bool,
+    /// Serve a variant of a model instead of its default file, by model name: a variant its
+    /// manifest lists under `[pipeline.variants]` (e.g. `multistyle26 = "fp16"`). Default none.
+    pub variants: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ModelSettings {
@@ -300,6 +303,7 @@ impl Default for ModelSettings {
             dir: PathBuf::from("models"),
             enabled: vec!["multistyle26".into(), "arbitrary-style".into()],
             warmup: true,
+            variants: Default::default(),
         }
     }
 }

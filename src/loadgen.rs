@@ -19,7 +19,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 use serde::Serialize;
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
 use crate::amqp::publisher::REPLY_HEADER;
 use crate::amqp::Topology;
@@ -112,6 +112,9 @@ pub struct BenchReport {
     pub busy_fraction: f64,
     /// Mean requests per model run over the window.
     pub mean_batch_size: f64,
+    /// Inference thread busy time per image over the window, ms: the device's service time, which
+    /// grows when other work (broker, load generator) takes the same cores.
+    pub busy_ms_per_image: f64,
     /// By tier.
     pub tiers: BTreeMap<String, TierReport>,
 }
@@ -128,7 +131,15 @@ struct Outcome {
     last: Option<(ReplyDocument, Instant)>,
 }
 
+/// Every request sent, by id, and what came back for it. A plain mutex, never held across an
+/// `.await`: with tokio's fair mutex, a `wait_final` future parked in the lock's queue inside a
+/// `FuturesUnordered` that nobody polls (the sender was busy publishing) held the lock's next turn
+/// forever, and the sender, queued behind it, deadlocked the bench (seen about 1 run in 8).
 type Book = Arc<Mutex<HashMap<String, (Sent, Outcome)>>>;
+
+fn lock(book: &Book) -> std::sync::MutexGuard<'_, HashMap<String, (Sent, Outcome)>> {
+    book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Run the benchmark and print the report.
 pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<BenchReport> {
@@ -182,7 +193,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
                 let Some(id) = delivery.properties.correlation_id().as_ref().map(ToString::to_string) else {
                     continue;
                 };
-                if let Some((_, outcome)) = book.lock().await.get_mut(&id) {
+                if let Some((_, outcome)) = lock(&book).get_mut(&id) {
                     match document.is_final() {
                         true => outcome.last = Some((document, Instant::now())),
                         false => outcome.notices += 1,
@@ -219,7 +230,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
         );
         async move {
             let body = serde_json::to_vec(&doc)?;
-            book.lock().await.insert(
+            lock(&book).insert(
                 doc.request_id.clone(),
                 (
                     Sent {
@@ -272,7 +283,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
             }
             let after = engine.stats();
             while pending.next().await.is_some() {}
-            book.lock().await.clear();
+            lock(&book).clear();
             Some((after.images - before.images) as f64 / started.elapsed().as_secs_f64())
         }
     };
@@ -311,14 +322,14 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
     // Drain: until every request has a final reply, or the drain time is over.
     let drained_by = Instant::now() + Duration::from_secs_f64(args.drain_secs);
     while Instant::now() < drained_by {
-        let open = book.lock().await.values().filter(|(_, o)| o.last.is_none()).count();
+        let open = lock(&book).values().filter(|(_, o)| o.last.is_none()).count();
         if open == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let book = std::mem::take(&mut *book.lock().await);
+    let book = std::mem::take(&mut *lock(&book));
     let report = summarize(book, capacity, offered, sending, started, before, after);
     print(&report);
     if let Some(path) = &args.json {
@@ -399,6 +410,7 @@ fn summarize(
         t.images_per_sec = t.images_in_window as f64 / seconds;
     }
     let batches = after.batches - before.batches;
+    let images = after.images - before.images;
     BenchReport {
         capacity_per_sec: capacity,
         offered_per_sec: offered,
@@ -406,7 +418,11 @@ fn summarize(
         busy_fraction: (after.busy - before.busy).as_secs_f64() / seconds,
         mean_batch_size: match batches {
             0 => 0.0,
-            b => (after.images - before.images) as f64 / b as f64,
+            b => images as f64 / b as f64,
+        },
+        busy_ms_per_image: match images {
+            0 => 0.0,
+            n => (after.busy - before.busy).as_secs_f64() * 1000.0 / n as f64,
         },
         tiers,
     }
@@ -414,12 +430,13 @@ fn summarize(
 
 fn print(r: &BenchReport) {
     println!(
-        "capacity {} img/s, offered {:.1} req/s, delivered {:.1} img/s in the window, inference busy {:.1}%, mean batch {:.2}",
+        "capacity {} img/s, offered {:.1} req/s, delivered {:.1} img/s in the window, inference busy {:.1}%, mean batch {:.2}, busy {:.1} ms per image",
         r.capacity_per_sec.map_or("-".into(), |c| format!("{c:.1}")),
         r.offered_per_sec,
         r.images_per_sec,
         r.busy_fraction * 100.0,
-        r.mean_batch_size
+        r.mean_batch_size,
+        r.busy_ms_per_image
     );
     println!(
         "| tier | sent | ok | img/s | wait p50/p95/p99 ms | of which broker / batcher p99 ms | preprocess p99 ms | total p50/p95/p99 ms | rejected | deferred | degraded | expired | other errors | unanswered |"
@@ -474,7 +491,7 @@ fn parse_mix(spec: &str) -> anyhow::Result<BTreeMap<String, f64>> {
 async fn wait_final(book: Book, id: String, timeout: Duration) {
     let until = Instant::now() + timeout;
     while Instant::now() < until {
-        if book.lock().await.get(&id).is_some_and(|(_, o)| o.last.is_some()) {
+        if lock(&book).get(&id).is_some_and(|(_, o)| o.last.is_some()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -195,7 +195,7 @@ impl Application {
                 consumer.map(move |next| next.map(|delivery| (delivery, Arc::clone(&queue))))
             }));
 
-        let worker = Worker::new(self.services.clone(), publisher);
+        let worker = Worker::new(self.services.clone(), publisher.clone());
         self.observability.health().set_broker(BrokerState::Consuming);
         tracing::info!(
             worker_id = %self.services.worker_id,
@@ -255,6 +255,14 @@ impl Application {
                 "grace period over; unfinished requests stay unacknowledged and will be redelivered"
             );
             tasks.abort_all();
+        }
+        if let SessionEnd::Stopped = end {
+            // Close every channel before the caller closes the connection: a channel that is only
+            // dropped closes itself in the background and races the connection's close.
+            for (channel, _) in &cancels {
+                let _ = channel.close(200, "worker stopping".into()).await;
+            }
+            publisher.close().await;
         }
         Ok(end)
     }

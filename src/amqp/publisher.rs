@@ -67,6 +67,12 @@ impl ReplyPublisher {
         })
     }
 
+    /// Close the channel (after the last reply). A dropped channel closes itself in the background,
+    /// and if the connection is closed meanwhile lapin logs that race as a connection error.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "worker stopping".into()).await;
+    }
+
     /// Publish a reply (persistent, mandatory) and wait for the broker's confirm.
     pub async fn publish(&self, reply: OutgoingReply) -> lapin::Result<PublishOutcome> {
         let doc = &reply.document;

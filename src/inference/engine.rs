@@ -343,6 +343,8 @@ fn load_runners(
         crate::metrics::set_model_load_seconds(&manifest.name, started.elapsed().as_secs_f64());
         tracing::info!(
             model = %manifest.name,
+            variant = manifest.variant.as_deref().unwrap_or("default"),
+            files = ?manifest.files_in_use(),
             provider = runtime.provider().name(),
             load_seconds = started.elapsed().as_secs_f64(),
             "model loaded"

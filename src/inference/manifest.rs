@@ -2,6 +2,7 @@
 //! in and out, their layout and value range, the pipeline kind that drives them, and the limits on
 //! what a request may ask for. A new model of an existing kind is a new folder, not new code.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -32,6 +33,9 @@ pub struct Manifest {
     /// file); 0 until the registry sets it, which means `limits.multiple_of`.
     #[serde(skip)]
     pub shape_bucket: u32,
+    /// The variant selected by `models.variants` (not in the file); `None` is the default file.
+    #[serde(skip)]
+    pub variant: Option<String>,
 }
 
 /// The kinds of pipeline kiln knows how to drive.
@@ -62,6 +66,20 @@ pub struct StyleBankSpec {
     pub layout: Layout,
     /// Values that pixel 0 and 255 map to.
     pub value_range: ValueRange,
+    /// Other builds of the same network (same inputs and outputs), by name, that an operator may
+    /// select instead of `file` with `models.variants` (e.g. `fp16`: half precision for GPUs).
+    #[serde(default)]
+    pub variants: BTreeMap<String, VariantSpec>,
+}
+
+/// An alternative ONNX file for a style-bank model: same tensors, other precision or graph.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    /// ONNX file, relative to the manifest.
+    pub file: PathBuf,
+    /// What differs and what it costs in quality (shown in logs).
+    pub description: String,
 }
 
 /// See [`PipelineSpec::ArbitraryStyle`].
@@ -157,9 +175,43 @@ impl Manifest {
     /// The model files, as paths.
     pub fn files(&self) -> Vec<PathBuf> {
         match &self.pipeline {
+            PipelineSpec::StyleBank(s) => std::iter::once(&s.file)
+                .chain(s.variants.values().map(|v| &v.file))
+                .map(|file| self.dir.join(file))
+                .collect(),
+            PipelineSpec::ArbitraryStyle(s) => vec![self.dir.join(&s.predict_file), self.dir.join(&s.transform_file)],
+        }
+    }
+
+    /// The files this manifest serves now (the default file or the selected variant's).
+    pub fn files_in_use(&self) -> Vec<PathBuf> {
+        match &self.pipeline {
             PipelineSpec::StyleBank(s) => vec![self.dir.join(&s.file)],
             PipelineSpec::ArbitraryStyle(s) => vec![self.dir.join(&s.predict_file), self.dir.join(&s.transform_file)],
         }
+    }
+
+    /// Serve `variant`'s file instead of the default one. An unknown variant is an error that
+    /// names the ones there are.
+    pub fn select_variant(&mut self, variant: &str) -> anyhow::Result<()> {
+        let PipelineSpec::StyleBank(spec) = &mut self.pipeline else {
+            bail!("model {:?} has no variants (only style-bank models do)", self.name);
+        };
+        let Some(chosen) = spec.variants.get(variant) else {
+            let known: Vec<&str> = spec.variants.keys().map(String::as_str).collect();
+            bail!(
+                "model {:?} has no variant {variant:?}; its variants: {}",
+                self.name,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        spec.file = chosen.file.clone();
+        self.variant = Some(variant.to_owned());
+        Ok(())
     }
 }
 
@@ -178,6 +230,27 @@ mod tests {
         assert!(matches!(m.pipeline, PipelineSpec::StyleBank(ref s) if s.styles == 26 && s.layout == Layout::Nchw));
         let m = Manifest::load(&models_dir().join("arbitrary-style")).unwrap();
         assert!(matches!(m.pipeline, PipelineSpec::ArbitraryStyle(ref s) if s.content_size == 384));
+    }
+
+    #[test]
+    fn a_variant_replaces_the_file_and_an_unknown_one_is_refused_by_name() {
+        let mut m = Manifest::load(&models_dir().join("multistyle26")).unwrap();
+        m.select_variant("fp16").unwrap();
+        assert!(
+            matches!(m.pipeline, PipelineSpec::StyleBank(ref s) if s.file == Path::new("multistyle26-batched-fp16.onnx"))
+        );
+        assert_eq!(m.variant.as_deref(), Some("fp16"));
+        let error = m.select_variant("int4").unwrap_err().to_string();
+        assert!(
+            error.contains("no variant \"int4\"") && error.contains("fp16"),
+            "{error}"
+        );
+        let mut a = Manifest::load(&models_dir().join("arbitrary-style")).unwrap();
+        assert!(a
+            .select_variant("fp16")
+            .unwrap_err()
+            .to_string()
+            .contains("no variants"));
     }
 
     #[test]

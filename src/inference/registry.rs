@@ -23,11 +23,14 @@ impl ModelRegistry {
             !settings.enabled.is_empty(),
             "models.enabled is empty: there would be nothing to serve"
         );
+        if let Some(unknown) = batching.models.keys().find(|m| !settings.enabled.contains(m)) {
+            anyhow::bail!("batching.models.{unknown} names a model that is not enabled");
+        }
+        if let Some(unknown) = settings.variants.keys().find(|m| !settings.enabled.contains(m)) {
+            anyhow::bail!("models.variants.{unknown} names a model that is not enabled");
+        }
         let mut models = BTreeMap::new();
         for name in &settings.enabled {
-            if let Some(unknown) = batching.models.keys().find(|m| !settings.enabled.contains(m)) {
-                anyhow::bail!("batching.models.{unknown} names a model that is not enabled");
-            }
             let dir = settings.dir.join(name);
             let mut manifest =
                 Manifest::load(&dir).with_context(|| format!("model {name:?} is enabled but cannot be loaded"))?;
@@ -41,6 +44,9 @@ impl ModelRegistry {
                 "batching.shape_bucket for {name} is {bucket}: it must be a multiple of the model's limits.multiple_of ({multiple})"
             );
             manifest.shape_bucket = bucket;
+            if let Some(variant) = settings.variants.get(name) {
+                manifest.select_variant(variant).context("models.variants")?;
+            }
             anyhow::ensure!(
                 manifest.name == *name,
                 "{} declares name {:?}; the folder and the name must agree",
@@ -95,5 +101,45 @@ impl ModelRegistry {
             PipelineSpec::StyleBank(spec) => style_bank::prepare(manifest, spec, request),
             PipelineSpec::ArbitraryStyle(spec) => arbitrary_style::prepare(manifest, spec, request),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> (ModelSettings, BatchingSettings) {
+        let models = ModelSettings {
+            dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+            ..ModelSettings::default()
+        };
+        (models, BatchingSettings::default())
+    }
+
+    #[test]
+    fn a_configured_variant_is_what_the_registry_serves() {
+        let (mut models, batching) = settings();
+        models.variants.insert("multistyle26".into(), "fp16".into());
+        let registry = ModelRegistry::load(&models, &batching).unwrap();
+        let manifest = registry.get("multistyle26").unwrap();
+        assert_eq!(manifest.variant.as_deref(), Some("fp16"));
+        assert!(manifest.files_in_use()[0].ends_with("multistyle26-batched-fp16.onnx"));
+        assert_eq!(registry.get("arbitrary-style").unwrap().variant, None);
+    }
+
+    #[test]
+    fn variants_of_unknown_models_or_unknown_variants_stop_the_start() {
+        let (mut models, batching) = settings();
+        models.variants.insert("sdxl".into(), "fp16".into());
+        let error = ModelRegistry::load(&models, &batching).unwrap_err().to_string();
+        assert!(error.contains("models.variants.sdxl"), "{error}");
+
+        let (mut models, batching) = settings();
+        models.variants.insert("multistyle26".into(), "int8".into());
+        let error = format!("{:#}", ModelRegistry::load(&models, &batching).unwrap_err());
+        assert!(
+            error.contains("no variant \"int8\"") && error.contains("fp16"),
+            "{error}"
+        );
     }
 }

@@ -212,7 +212,17 @@ async fn beat(
         *link = Some(open(settings, &exchange).await?);
     }
     let (connection, channel) = link.as_ref().expect("just opened");
-    let queue = queue_figures(connection, settings).await;
+    // Before the worker has declared its queues (the first, `starting` heartbeat) a passive
+    // declare would only fail, and the broker's channel error would be logged as one.
+    let queue = match health.broker_state() {
+        BrokerState::Connecting => QueueFigures {
+            requests_ready: None,
+            consumers: None,
+            dead_letters: None,
+            max_wait_seconds: metrics::take_max_queue_wait(),
+        },
+        _ => queue_figures(connection, settings).await,
+    };
     let message = message(settings, health, busy, capacity, queue);
     let body = serde_json::to_vec(&message)?;
     let expiration = (settings.interval.as_millis() * 3).to_string();

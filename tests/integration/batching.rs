@@ -9,23 +9,10 @@ use kiln::configuration::Settings;
 use kiln::domain::{ErrorCode, GenerationRequest, ReplyStatus, WireStyle};
 use kiln::inference::{InferenceEngine, InferenceError, JobOptions, ModelRegistry, Runtime};
 
-use crate::helpers::{decode_png, read, ready_messages, request, spawn_app_with, test_settings, REPLY_TIMEOUT};
+use crate::helpers::{decode_png, psnr, read, ready_messages, request, spawn_app_with, test_settings, REPLY_TIMEOUT};
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap()
-}
-
-/// Peak signal-to-noise ratio of two same-sized RGB images, in dB.
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let mse = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum::<f64>()
-        / a.as_raw().len() as f64;
-    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
 }
 
 /// One inference thread (ONNX Runtime allows one environment per process) and a way to render a
