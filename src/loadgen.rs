@@ -149,6 +149,8 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
     settings.amqp.topology.prefix = prefix.clone();
     settings.rate_limit.key_prefix = prefix.clone();
     settings.scheduling.tier_queues = true;
+    // Its own metrics port: a bench must not collide with a worker already serving on this host.
+    settings.http.bind = "127.0.0.1:0".into();
     for tier in mix.keys() {
         anyhow::ensure!(
             settings.rate_limit.tiers.contains_key(tier),
