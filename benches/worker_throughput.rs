@@ -8,6 +8,15 @@
 //! share of the raw gain the worker captures. Also: cold start of `kiln worker` to ready, its peak
 //! RSS, and where the per-request time goes.
 //!
+//! With `--raw-variants fp16` (any variants the model's manifest lists), each raw round also times
+//! those files on the same inputs, and the report adds their images/s ÷ the default file's and the
+//! PSNR of their 8-bit outputs against the default's: the speed and quality of a reduced-precision
+//! variant on the provider in use.
+//!
+//! The `KILN_*` environment applies to the raw sessions and to the worker processes alike, so on a
+//! GPU machine `KILN_INFERENCE__EXECUTION_PROVIDER=cuda KILN_INFERENCE__RUNTIME_LIBRARY=...` makes
+//! every figure a CUDA one (scripts/bench.sh).
+//!
 //! Prints a Markdown table and writes `target/bench/worker_throughput.json`.
 
 use std::io::{BufRead, BufReader, Cursor};
@@ -29,6 +38,7 @@ struct Args {
     threads: usize,
     seconds: f64,
     rounds: usize,
+    raw_variants: Vec<String>,
 }
 
 fn args() -> Args {
@@ -38,6 +48,7 @@ fn args() -> Args {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         seconds: 5.0,
         rounds: 6,
+        raw_variants: Vec::new(),
     };
     let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
     for pair in argv.chunks(2) {
@@ -47,8 +58,9 @@ fn args() -> Args {
             ("--threads", Some(v)) => a.threads = v.parse().unwrap(),
             ("--seconds", Some(v)) => a.seconds = v.parse().unwrap(),
             ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
+            ("--raw-variants", Some(v)) => a.raw_variants = v.split(',').map(str::to_owned).collect(),
             _ => panic!(
-                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R]"
+                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R] [--raw-variants fp16]"
             ),
         }
     }
@@ -59,20 +71,36 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Defaults, then the `KILN_*` environment (provider, runtime library, model variants, ...), which
+/// the worker processes inherit too.
 fn settings(threads: usize) -> Settings {
-    let mut s = Settings::default();
+    let mut s = Settings::load(None).expect("settings from the KILN_* environment");
     s.amqp.topology.prefix = format!("kiln-bench-{}", uuid::Uuid::new_v4().simple());
     s.inference.intra_threads = threads;
     s.inference.runtime_library = Some(repo().join(s.inference.runtime_library_path()));
     s
 }
 
+/// The multistyle26 file the settings serve (`variant`: another one its manifest lists).
+fn model_file(settings: &Settings, variant: Option<&str>) -> PathBuf {
+    let mut manifest = kiln::inference::Manifest::load(&repo().join("models/multistyle26")).unwrap();
+    if let Some(v) = variant.or(settings.models.variants.get("multistyle26").map(String::as_str)) {
+        manifest.select_variant(v).unwrap();
+    }
+    manifest.files_in_use().remove(0)
+}
+
 /// Raw model throughput: `session.run` on a preloaded `[batch, 3, size, size]` tensor of the photo
-/// with a different style per sample, for `seconds`.
-fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, batch: usize, seconds: f64) -> f64 {
-    let mut session = runtime
-        .session(&repo().join("models/multistyle26/multistyle26-batched.onnx"))
-        .unwrap();
+/// with a different style per sample, for `seconds`. Also returns the last output.
+fn raw_images_per_second(
+    runtime: &Runtime,
+    model: &Path,
+    photo: &[u8],
+    size: u32,
+    batch: usize,
+    seconds: f64,
+) -> (f64, Vec<f32>) {
+    let mut session = runtime.session(model).unwrap();
     let s = size as usize;
     // The same photo the worker gets, as the tensor the worker would build from it: content
     // matters (a flat grey image would skip the real activations' arithmetic).
@@ -91,7 +119,7 @@ fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, batch: usiz
     for i in 0..batch {
         weights[26 * i + (7 + i) % 26] = 1.0;
     }
-    let mut run = || {
+    let mut run = |keep: bool| {
         let out = session
             .run(ort::inputs![
                 "image" => TensorRef::from_array_view(([batch, 3, s, s], images.as_slice())).unwrap(),
@@ -99,15 +127,28 @@ fn raw_images_per_second(runtime: &Runtime, photo: &[u8], size: u32, batch: usiz
             ])
             .unwrap();
         std::hint::black_box(&out);
+        keep.then(|| out["stylized"].try_extract_tensor::<f32>().unwrap().1.to_vec())
     };
-    run(); // warm-up
+    let output = run(true).expect("kept"); // warm-up
     let started = Instant::now();
     let mut n = 0u32;
     while started.elapsed().as_secs_f64() < seconds || n < 3 {
-        run();
+        run(false);
         n += 1;
     }
-    f64::from(n) * batch as f64 / started.elapsed().as_secs_f64()
+    (f64::from(n) * batch as f64 / started.elapsed().as_secs_f64(), output)
+}
+
+/// PSNR (dB) of two model outputs in [0, 1] after 8-bit quantisation, as the worker quantises.
+fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let q = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round();
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(q(*x) - q(*y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
 }
 
 struct WorkerRun {
@@ -312,7 +353,20 @@ impl Worker {
 
 fn main() {
     let args = args();
-    let runtime = Runtime::init(&settings(args.threads).inference).expect("ONNX Runtime (run scripts/setup.sh)");
+    let base = settings(args.threads);
+    let runtime = Runtime::init(&base.inference).expect("ONNX Runtime (run scripts/setup.sh)");
+    let model = model_file(&base, None);
+    let variants: Vec<(String, PathBuf)> = args
+        .raw_variants
+        .iter()
+        .map(|v| (v.clone(), model_file(&base, Some(v))))
+        .collect();
+    eprintln!(
+        "provider {}, model {}, raw variants {:?}",
+        runtime.provider().name(),
+        model.display(),
+        args.raw_variants
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let workers: Vec<(usize, Worker)> = args
         .batches
@@ -335,12 +389,33 @@ fn main() {
             let batch = *batch;
             rt.block_on(worker_images_per_second(producer, &photo, 2 * batch)); // warm-up at this size
             let (mut raw, mut e2e) = (Vec::new(), Vec::new());
+            let mut variant_rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+            let mut variant_psnr = vec![f64::INFINITY; variants.len()];
             for _ in 0..args.rounds {
-                let r = raw_images_per_second(&runtime, &photo, size, batch, args.seconds);
+                let (r, reference) = raw_images_per_second(&runtime, &model, &photo, size, batch, args.seconds);
+                for (i, (_, file)) in variants.iter().enumerate() {
+                    let (v, output) = raw_images_per_second(&runtime, file, &photo, size, batch, args.seconds);
+                    variant_rates[i].push(v);
+                    variant_psnr[i] = variant_psnr[i].min(psnr(&output, &reference));
+                }
                 let count = ((r * args.seconds).round() as usize).max(4 * batch);
                 raw.push(r);
                 e2e.push(rt.block_on(worker_images_per_second(producer, &photo, count)));
             }
+            let raw_variants: Vec<serde_json::Value> = variants
+                .iter()
+                .zip(&variant_rates)
+                .zip(&variant_psnr)
+                .map(|(((name, _), rates), psnr)| {
+                    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+                    let paired: Vec<f64> = rates.iter().zip(&raw).map(|(v, r)| v / r).collect();
+                    serde_json::json!({
+                        "variant": name, "images_per_second": rates, "mean": mean,
+                        "ratio_to_default": mean / (raw.iter().sum::<f64>() / raw.len() as f64),
+                        "paired_ratios": paired, "min_psnr_db": psnr,
+                    })
+                })
+                .collect();
             let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
             let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
             let last = e2e.last().unwrap();
@@ -359,6 +434,7 @@ fn main() {
                 "worker_mean_ms": {"preprocess": last.preprocess_ms, "inference": last.inference_ms, "encode": last.encode_ms},
                 "request_bytes": last.request_bytes,
                 "reply_png_bytes": last.reply_bytes,
+                "raw_variants": raw_variants,
             }));
             eprintln!(
                 "size {size} batch {batch}: raw {raw:.2?} img/s, worker {:.2?} img/s",
@@ -402,6 +478,8 @@ fn main() {
 
     let wire: Vec<serde_json::Value> = args.sizes.iter().map(|&size| wire_costs(size)).collect();
     let report = serde_json::json!({
+        "provider": runtime.provider().name(),
+        "model": model.strip_prefix(repo()).unwrap_or(&model),
         "wire": wire,
         "threads": args.threads,
         "cold_start_seconds": cold_start,
@@ -469,5 +547,32 @@ fn main() {
             w["png_default_ms"].as_f64().unwrap(),
             w["png_default_bytes"],
         );
+    }
+    if !variants.is_empty() {
+        println!(
+            "\n| size | batch | variant | raw img/s (mean of {}) | ÷ default raw | per-round ratios | worst PSNR vs default |",
+            args.rounds
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for r in &rows {
+            for v in r["raw_variants"].as_array().unwrap() {
+                let paired: Vec<String> = v["paired_ratios"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| format!("{:.2}", x.as_f64().unwrap()))
+                    .collect();
+                println!(
+                    "| {} | {} | {} | {:.2} | **{:.3}** | {} | {:.1} dB |",
+                    r["size"],
+                    r["batch"],
+                    v["variant"].as_str().unwrap(),
+                    v["mean"].as_f64().unwrap(),
+                    v["ratio_to_default"].as_f64().unwrap(),
+                    paired.join(", "),
+                    v["min_psnr_db"].as_f64().unwrap(),
+                );
+            }
+        }
     }
 }
