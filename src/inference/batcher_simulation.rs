@@ -189,8 +189,9 @@ fn simulate(device: Device, rates: [f64; 3], seconds: f64, prefetch: usize, seed
 }
 
 /// Paid p99 wait at 3x capacity (free 0.8, plus 0.1, pro 0.1) ÷ the same paid traffic alone,
-/// averaged over seeds. Returns (pro, plus) ratios.
-fn overload_ratios(device: Device, seconds: f64) -> (f64, f64) {
+/// averaged over seeds. Returns (pro, plus) ratios. `loaded` is the device during the overload
+/// (the same one, or a slower one: what shared cores do to a CPU), `device` the one alone.
+fn overload_ratios(device: Device, loaded_device: Device, seconds: f64) -> (f64, f64) {
     let capacity = device.capacity();
     let (mut pro, mut plus) = (0.0, 0.0);
     let seeds = [1u64, 2, 3, 4, 5];
@@ -202,7 +203,7 @@ fn overload_ratios(device: Device, seconds: f64) -> (f64, f64) {
     println!("| --- | --- | --- | --- |");
     for seed in seeds {
         let paid = 0.1 * 3.0 * capacity;
-        let loaded = simulate(device, [paid, paid, 0.8 * 3.0 * capacity], seconds, 16, seed);
+        let loaded = simulate(loaded_device, [paid, paid, 0.8 * 3.0 * capacity], seconds, 16, seed);
         let alone = simulate(device, [paid, paid, 0.0], seconds, 16, seed);
         let (lp, ap) = (loaded[0].unwrap(), alone[0].unwrap());
         let (ll, al) = (loaded[1].unwrap(), alone[1].unwrap());
@@ -230,8 +231,30 @@ fn interpolation_hits_the_measured_points() {
 fn with_a_device_that_does_not_slow_down_paid_p99_wait_at_3x_stays_within_2x_of_paid_alone() {
     for device in [CPU, H200] {
         let seconds = if device.max_batch_size == 1 { 120.0 } else { 20.0 };
-        let (pro, plus) = overload_ratios(device, seconds);
+        let (pro, plus) = overload_ratios(device, device, seconds);
         assert!(pro <= 2.0, "{}: pro {pro:.2}", device.name);
         assert!(plus <= 2.0, "{}: plus {plus:.2}", device.name);
     }
+}
+
+/// This VM's CPU as `kiln bench` found it during the overload: 18.1 ms per image instead of 15.7
+/// (the broker, the load generator and the image work share its 2 cores).
+const CPU_SHARED: Device = Device {
+    name: "the same CPU slowed to 18.1 ms per image",
+    max_batch_size: 1,
+    points: &[(0.0, 0.0), (1.0, 0.0181), (2.0, 0.0362)],
+};
+
+#[test]
+fn a_device_slowed_as_measured_under_overload_costs_plus_most() {
+    // Not a bound the worker must meet: part of the explanation in BENCHMARKS.md, checked. The
+    // same policy with the device slowed as `kiln bench` measured it takes plus from ~1.2x to
+    // ~2.2x its unloaded p99 wait; the rest of the 3.25x measured on this machine is the broker's
+    // own delivery latency under the flood (its part of plus's p99 wait went from 8 to 125 ms).
+    let (_, plus) = overload_ratios(CPU, CPU_SHARED, 120.0);
+    let (_, plus_steady) = overload_ratios(CPU, CPU, 120.0);
+    assert!(
+        plus > 1.5 * plus_steady,
+        "slowing the device should cost plus: {plus:.2} vs {plus_steady:.2}"
+    );
 }
