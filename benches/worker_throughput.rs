@@ -39,6 +39,7 @@ struct Args {
     seconds: f64,
     rounds: usize,
     raw_variants: Vec<String>,
+    raw_only: bool,
 }
 
 fn args() -> Args {
@@ -49,8 +50,13 @@ fn args() -> Args {
         seconds: 5.0,
         rounds: 6,
         raw_variants: Vec::new(),
+        raw_only: false,
     };
-    let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
+    let mut argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
+    if let Some(i) = argv.iter().position(|s| s == "--raw-only") {
+        a.raw_only = true;
+        argv.remove(i);
+    }
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
             ("--sizes", Some(v)) => a.sizes = v.split(',').map(|s| s.parse().unwrap()).collect(),
@@ -60,15 +66,18 @@ fn args() -> Args {
             ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
             ("--raw-variants", Some(v)) => a.raw_variants = v.split(',').map(str::to_owned).collect(),
             _ => panic!(
-                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R] [--raw-variants fp16]"
+                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R] [--raw-variants fp16] [--raw-only]"
             ),
         }
     }
     a
 }
 
+/// The repository (models, samples): where it was built, or `BENCH_REPO` (not `KILN_*`: those are
+/// settings; for a binary copied to
+/// another machine, e.g. the GPU one, which has no RabbitMQ: run it there with `--raw-only`).
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("BENCH_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 /// Defaults, then the `KILN_*` environment (provider, runtime library, model variants, ...), which
@@ -137,6 +146,65 @@ fn raw_images_per_second(
         n += 1;
     }
     (f64::from(n) * batch as f64 / started.elapsed().as_secs_f64(), output)
+}
+
+/// `--raw-only`: the model file alone (and its variants), no broker, no worker: images/s per size
+/// and batch, variants ÷ default and their PSNR. Writes `target/bench/raw_variants.json`.
+fn raw_only(args: &Args, runtime: &Runtime, model: &Path, variants: &[(String, PathBuf)]) {
+    println!(
+        "| size | batch | file | raw img/s (mean of {}) | per round | ÷ default, same rounds | worst PSNR vs default |",
+        args.rounds
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        let photo = jpeg_of_size(size);
+        for &batch in &args.batches {
+            let mut rates = vec![Vec::new(); variants.len() + 1];
+            let mut worst = vec![f64::INFINITY; variants.len()];
+            for _ in 0..args.rounds {
+                let (r, reference) = raw_images_per_second(runtime, model, &photo, size, batch, args.seconds);
+                rates[0].push(r);
+                for (i, (_, file)) in variants.iter().enumerate() {
+                    let (v, output) = raw_images_per_second(runtime, file, &photo, size, batch, args.seconds);
+                    rates[i + 1].push(v);
+                    worst[i] = worst[i].min(psnr(&output, &reference));
+                }
+            }
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let default_mean = mean(&rates[0]);
+            let names = std::iter::once("default").chain(variants.iter().map(|(n, _)| n.as_str()));
+            for (i, name) in names.enumerate() {
+                let per_round: Vec<String> = rates[i].iter().map(|r| format!("{r:.1}")).collect();
+                let (ratio, db) = match i {
+                    0 => ("-".to_owned(), "-".to_owned()),
+                    _ => (
+                        format!("**{:.3}**", mean(&rates[i]) / default_mean),
+                        format!("{:.1} dB", worst[i - 1]),
+                    ),
+                };
+                println!(
+                    "| {size} | {batch} | {name} | {:.1} | {} | {ratio} | {db} |",
+                    mean(&rates[i]),
+                    per_round.join(", ")
+                );
+                rows.push(serde_json::json!({
+                    "size": size, "batch": batch, "file": name, "images_per_second": rates[i],
+                    "mean": mean(&rates[i]), "ratio_to_default": mean(&rates[i]) / default_mean,
+                    "min_psnr_db": if i == 0 { None } else { Some(worst[i - 1]) },
+                }));
+            }
+        }
+    }
+    let report = serde_json::json!({
+        "provider": runtime.provider().name(), "threads": args.threads, "rows": rows,
+    });
+    std::fs::create_dir_all(repo().join("target/bench")).unwrap();
+    std::fs::write(
+        repo().join("target/bench/raw_variants.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
 }
 
 /// PSNR (dB) of two model outputs in [0, 1] after 8-bit quantisation, as the worker quantises.
@@ -367,6 +435,9 @@ fn main() {
         model.display(),
         args.raw_variants
     );
+    if args.raw_only {
+        return raw_only(&args, &runtime, &model, &variants);
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let workers: Vec<(usize, Worker)> = args
         .batches

@@ -44,7 +44,8 @@ step "hadolint $(hadolint --version | grep -o '[0-9][0-9.]*' | head -1): docker/
 hadolint docker/Dockerfile
 echo "hadolint: no findings" >&2
 step "shellcheck $(shellcheck --version | sed -n 's/^version: //p'): the deployment scripts"
-shellcheck docker/build-rootfs.sh docker/healthcheck.sh scripts/check-deploy.sh scripts/deploy-tools.sh scripts/render-k8s.sh
+shellcheck docker/build-rootfs.sh docker/healthcheck.sh scripts/check-deploy.sh scripts/deploy-tools.sh scripts/render-k8s.sh \
+  scripts/gpu-kit.sh scripts/gpu-check.sh
 echo "shellcheck: no findings" >&2
 
 # 2 ---------------------------------------------------------------------------------------------
