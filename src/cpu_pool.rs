@@ -6,21 +6,75 @@
 //! the whole operator. At lower priority, preparation fills the gaps instead, and the inference
 //! thread, the scarce resource, keeps its cores. (On the 2-core development VM the measured effect
 //! is within noise; BENCHMARKS.md has the numbers.)
+//!
+//! Jobs are taken by priority class with aging, not first come first served: a job of class `c`
+//! is ordered as if it had been queued `c × CLASS_LAG` later. When the pool is behind (a free
+//! flood on a busy machine), a paid request's decoding no longer queues behind every free one, yet
+//! a lower class waits at most a bounded extra time (3 × 25 ms for free behind pro), so it is never
+//! starved here either.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::oneshot;
+
+/// How much later each class step counts a job as queued.
+pub const CLASS_LAG: Duration = Duration::from_millis(25);
 
 /// A job panicked, or the pool is gone.
 #[derive(Debug, thiserror::Error)]
 #[error("a CPU task failed: {0}")]
 pub struct CpuTaskError(String);
 
-/// A fixed-size thread pool at a given nice value.
+/// A fixed-size thread pool at a given nice value, taking jobs by class with aging.
 #[derive(Debug)]
 pub struct CpuPool {
     pool: rayon::ThreadPool,
+    queue: Arc<Mutex<BinaryHeap<Queued>>>,
+    epoch: Instant,
+    sequence: AtomicU64,
+}
+
+/// A job waiting for a thread: ordered by (effective queueing time, arrival).
+struct Queued {
+    due: Duration,
+    sequence: u64,
+    job: Box<dyn FnOnce() + Send>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("due", &self.due)
+            .field("sequence", &self.sequence)
+            .finish()
+    }
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    /// Reversed: the heap pops the earliest due, then the first queued.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.due, other.sequence).cmp(&(self.due, self.sequence))
+    }
 }
 
 impl CpuPool {
@@ -32,13 +86,28 @@ impl CpuPool {
             .start_handler(move |_| lower_priority(nice))
             .build()
             .context("cannot start the CPU pool")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            queue: Arc::default(),
+            epoch: Instant::now(),
+            sequence: AtomicU64::new(0),
+        })
     }
 
-    /// Run `job` on the pool and wait for it without blocking the async executor.
+    /// Run `job` on the pool as class 0 (see [`CpuPool::run_as`]).
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, CpuTaskError> {
+        self.run_as(0, job).await
+    }
+
+    /// Run `job` on the pool and wait for it without blocking the async executor. `class` is the
+    /// request's priority class (0 first); see the module docs for the order.
+    pub async fn run_as<T: Send + 'static>(
+        &self,
+        class: usize,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CpuTaskError> {
         let (tx, rx) = oneshot::channel();
-        self.pool.spawn(move || {
+        let wrapped = move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(job)).map_err(|panic| {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -48,9 +117,27 @@ impl CpuPool {
                 CpuTaskError(message)
             });
             let _ = tx.send(result);
+        };
+        let lag = CLASS_LAG.saturating_mul(u32::try_from(class).unwrap_or(u32::MAX));
+        lock(&self.queue).push(Queued {
+            due: self.epoch.elapsed().saturating_add(lag),
+            sequence: self.sequence.fetch_add(1, AtomicOrdering::Relaxed),
+            job: Box::new(wrapped),
+        });
+        // One pool task per queued job; each runs whichever job is first when a thread is free.
+        let queue = Arc::clone(&self.queue);
+        self.pool.spawn(move || {
+            let next = lock(&queue).pop();
+            if let Some(queued) = next {
+                (queued.job)();
+            }
         });
         rx.await.map_err(|_| CpuTaskError("the CPU pool is gone".into()))?
     }
+}
+
+fn lock(queue: &Mutex<BinaryHeap<Queued>>) -> std::sync::MutexGuard<'_, BinaryHeap<Queued>> {
+    queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Lower the calling thread's priority (Linux: nice is per thread).
@@ -70,6 +157,52 @@ fn lower_priority(nice: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the only thread held, queue free jobs (class 3), wait `gap`, queue a pro job (class 1),
+    /// release the thread: the order the jobs ran in.
+    async fn order_with_the_pool_held(gap: Duration) -> Vec<&'static str> {
+        let pool = Arc::new(CpuPool::new(1, 0).unwrap());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.run(move || hold.recv().unwrap()).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let spawn = |class: usize, name: &'static str| {
+            let (pool, order) = (Arc::clone(&pool), Arc::clone(&order));
+            tokio::spawn(async move {
+                pool.run_as(class, move || order.lock().unwrap().push(name))
+                    .await
+                    .unwrap()
+            })
+        };
+        let jobs = [spawn(3, "free-1"), spawn(3, "free-2")];
+        tokio::time::sleep(gap).await;
+        let pro = spawn(1, "pro");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap();
+        for job in jobs.into_iter().chain([pro]) {
+            job.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        order
+    }
+
+    #[tokio::test]
+    async fn a_higher_class_goes_first_and_a_lower_one_ages_in() {
+        // Queued 5 ms after two free jobs, pro (due +25 ms) passes them (due +75 ms).
+        assert_eq!(
+            order_with_the_pool_held(Duration::from_millis(5)).await,
+            ["pro", "free-1", "free-2"]
+        );
+        // Free jobs that have waited more than the classes' lag apart (50 ms) keep their turn.
+        assert_eq!(
+            order_with_the_pool_held(Duration::from_millis(120)).await,
+            ["free-1", "free-2", "pro"]
+        );
+    }
 
     #[tokio::test]
     async fn runs_jobs_and_reports_panics() {

@@ -320,7 +320,7 @@ impl Worker {
         let prepared = match self
             .services
             .cpu
-            .run(move || registry.prepare(&request).map(|p| (p, request)))
+            .run_as(class, move || registry.prepare(&request).map(|p| (p, request)))
             .await
         {
             Ok(Ok(prepared)) => prepared,
@@ -348,7 +348,7 @@ impl Worker {
         let encoded = self
             .services
             .cpu
-            .run(move || {
+            .run_as(class, move || {
                 let image = finish.apply(&inferred.output);
                 let png = encode_png(&image);
                 let info = ImageInfo {
