@@ -215,12 +215,7 @@ async fn beat(
     // Before the worker has declared its queues (the first, `starting` heartbeat) a passive
     // declare would only fail, and the broker's channel error would be logged as one.
     let queue = match health.broker_state() {
-        BrokerState::Connecting => QueueFigures {
-            requests_ready: None,
-            consumers: None,
-            dead_letters: None,
-            max_wait_seconds: metrics::take_max_queue_wait(),
-        },
+        BrokerState::Connecting => QueueFigures::unknown(),
         _ => queue_figures(connection, settings).await,
     };
     let message = message(settings, health, busy, capacity, queue);
@@ -261,14 +256,21 @@ async fn open(settings: &Beacon, exchange: &str) -> anyhow::Result<(Connection, 
     Ok((connection, channel))
 }
 
+impl QueueFigures {
+    /// No depths known yet; the longest queue wait since the last heartbeat (which this takes).
+    fn unknown() -> Self {
+        Self {
+            requests_ready: None,
+            consumers: None,
+            dead_letters: None,
+            max_wait_seconds: metrics::take_max_queue_wait(),
+        }
+    }
+}
+
 /// Depths from passive declares, on a channel of their own (a missing queue closes the channel).
 async fn queue_figures(connection: &Connection, settings: &Beacon) -> QueueFigures {
-    let mut figures = QueueFigures {
-        requests_ready: None,
-        consumers: None,
-        dead_letters: None,
-        max_wait_seconds: metrics::take_max_queue_wait(),
-    };
+    let mut figures = QueueFigures::unknown();
     let Ok(probe) = connection.create_channel().await else {
         return figures;
     };
