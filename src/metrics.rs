@@ -31,6 +31,7 @@
 //! | `kiln_inference_busy_seconds_total` | counter | |
 //! | `kiln_inference_busy_ratio` | gauge | |
 //! | `kiln_model_load_seconds` | gauge | model |
+//! | `kiln_model_info` | gauge (1) | model, variant |
 //! | `kiln_rate_limit_decisions_total` | counter | tier, result |
 //! | `kiln_rate_limit_fallback_active` | gauge (0/1) | |
 //! | `kiln_redis_errors_total` | counter | reason |
@@ -73,6 +74,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "kiln_inference_busy_seconds_total",
     "kiln_inference_busy_ratio",
     "kiln_model_load_seconds",
+    "kiln_model_info",
     "kiln_rate_limit_decisions_total",
     "kiln_rate_limit_fallback_active",
     "kiln_redis_errors_total",
@@ -111,6 +113,7 @@ struct Metrics {
     busy: Counter,
     busy_ratio: Gauge,
     model_load: GaugeVec,
+    model_info: IntGaugeVec,
     decisions: IntCounterVec,
     fallback_active: IntGauge,
     redis_errors: IntCounterVec,
@@ -233,6 +236,11 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            model_info: int_gauge_vec(
+                "kiln_model_info",
+                "Always 1; each served model and the variant of it loaded (default, or e.g. fp16).",
+                &["model", "variant"],
+            ),
             model_load: registered(
                 &r,
                 GaugeVec::new(
@@ -314,6 +322,11 @@ pub fn render() -> String {
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Record a loaded model and which of its variants (`default`, or one its manifest lists).
+pub fn set_model_info(model: &str, variant: &str) {
+    m().model_info.with_label_values(&[model, variant]).set(1);
+}
 
 /// Record the execution provider (`cuda`, `cpu`, `cpu_fallback`).
 pub fn set_execution_provider(provider: &str) {
@@ -525,6 +538,7 @@ mod tests {
             &metrics.busy,
             &metrics.busy_ratio,
             &metrics.model_load,
+            &metrics.model_info,
             &metrics.decisions,
             &metrics.fallback_active,
             &metrics.redis_errors,

@@ -341,6 +341,7 @@ fn load_runners(
             }
         }
         crate::metrics::set_model_load_seconds(&manifest.name, started.elapsed().as_secs_f64());
+        crate::metrics::set_model_info(&manifest.name, manifest.variant.as_deref().unwrap_or("default"));
         tracing::info!(
             model = %manifest.name,
             variant = manifest.variant.as_deref().unwrap_or("default"),

@@ -99,6 +99,12 @@ async fn the_fp16_variant_selected_in_config_stays_within_40_db_of_the_fp32_refe
         s.models.variants.insert("multistyle26".into(), "fp16".into());
     })
     .await;
+    // Operators see which variant each worker serves.
+    let metrics = kiln::metrics::render();
+    assert!(
+        metrics.contains(r#"kiln_model_info{model="multistyle26",variant="fp16"} 1"#),
+        "{metrics}"
+    );
     let mut producer = app.producer().await;
     for case in cases().iter().filter(|c| c.model == "multistyle26") {
         let reply = producer.request(&case_request(case), REPLY_TIMEOUT).await.unwrap();

@@ -229,6 +229,10 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     assert_eq!(s.sum("kiln_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
     assert_eq!(s.sum("kiln_execution_provider_info", &[("provider", "cpu")]), 1.0);
     assert_eq!(s.series("kiln_model_load_seconds", &[]), 1);
+    assert_eq!(
+        s.sum("kiln_model_info", &[("model", "multistyle26"), ("variant", "default")]),
+        1.0
+    );
     assert!(s.sum("kiln_model_load_seconds", &model) > 0.0);
     assert_eq!(s.sum("kiln_ready", &[]), 1.0);
     assert_eq!(s.sum("kiln_broker_reconnects_total", &[]), 0.0);
