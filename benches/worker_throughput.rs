@@ -151,51 +151,21 @@ fn raw_images_per_second(
 /// `--raw-only`: the model file alone (and its variants), no broker, no worker: images/s per size
 /// and batch, variants ÷ default and their PSNR. Writes `target/bench/raw_variants.json`.
 fn raw_only(args: &Args, runtime: &Runtime, model: &Path, variants: &[(String, PathBuf)]) {
-    println!(
-        "| size | batch | file | raw img/s (mean of {}) | per round | ÷ default, same rounds | worst PSNR vs default |",
-        args.rounds
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let photo = jpeg_of_size(size);
         for &batch in &args.batches {
-            let mut rates = vec![Vec::new(); variants.len() + 1];
-            let mut worst = vec![f64::INFINITY; variants.len()];
+            let mut raw = RawRounds::new(runtime, model, variants);
             for _ in 0..args.rounds {
-                let (r, reference) = raw_images_per_second(runtime, model, &photo, size, batch, args.seconds);
-                rates[0].push(r);
-                for (i, (_, file)) in variants.iter().enumerate() {
-                    let (v, output) = raw_images_per_second(runtime, file, &photo, size, batch, args.seconds);
-                    rates[i + 1].push(v);
-                    worst[i] = worst[i].min(psnr(&output, &reference));
-                }
+                raw.round(&photo, size, batch, args.seconds);
             }
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-            let default_mean = mean(&rates[0]);
-            let names = std::iter::once("default").chain(variants.iter().map(|(n, _)| n.as_str()));
-            for (i, name) in names.enumerate() {
-                let per_round: Vec<String> = rates[i].iter().map(|r| format!("{r:.1}")).collect();
-                let (ratio, db) = match i {
-                    0 => ("-".to_owned(), "-".to_owned()),
-                    _ => (
-                        format!("**{:.3}**", mean(&rates[i]) / default_mean),
-                        format!("{:.1} dB", worst[i - 1]),
-                    ),
-                };
-                println!(
-                    "| {size} | {batch} | {name} | {:.1} | {} | {ratio} | {db} |",
-                    mean(&rates[i]),
-                    per_round.join(", ")
-                );
-                rows.push(serde_json::json!({
-                    "size": size, "batch": batch, "file": name, "images_per_second": rates[i],
-                    "mean": mean(&rates[i]), "ratio_to_default": mean(&rates[i]) / default_mean,
-                    "min_psnr_db": if i == 0 { None } else { Some(worst[i - 1]) },
-                }));
-            }
+            rows.push(serde_json::json!({
+                "size": size, "batch": batch, "raw_images_per_second": raw.default,
+                "raw_mean": mean(&raw.default), "raw_variants": raw.variants_json(),
+            }));
         }
     }
+    print_variant_table(args.rounds, &rows);
     let report = serde_json::json!({
         "provider": runtime.provider().name(), "threads": args.threads, "rows": rows,
     });
@@ -205,6 +175,98 @@ fn raw_only(args: &Args, runtime: &Runtime, model: &Path, variants: &[(String, P
         serde_json::to_string_pretty(&report).unwrap(),
     )
     .unwrap();
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// Raw rounds of the default file and of each variant on the same batch, one after the other:
+/// images/s per round of each, and each variant's worst PSNR against the default's output.
+struct RawRounds<'a> {
+    runtime: &'a Runtime,
+    model: &'a Path,
+    variants: &'a [(String, PathBuf)],
+    default: Vec<f64>,
+    rates: Vec<Vec<f64>>,
+    worst_psnr: Vec<f64>,
+}
+
+impl<'a> RawRounds<'a> {
+    fn new(runtime: &'a Runtime, model: &'a Path, variants: &'a [(String, PathBuf)]) -> Self {
+        Self {
+            runtime,
+            model,
+            variants,
+            default: Vec::new(),
+            rates: vec![Vec::new(); variants.len()],
+            worst_psnr: vec![f64::INFINITY; variants.len()],
+        }
+    }
+
+    /// One round of each file; returns the default file's images/s.
+    fn round(&mut self, photo: &[u8], size: u32, batch: usize, seconds: f64) -> f64 {
+        let (rate, reference) = raw_images_per_second(self.runtime, self.model, photo, size, batch, seconds);
+        self.default.push(rate);
+        for (i, (_, file)) in self.variants.iter().enumerate() {
+            let (v, output) = raw_images_per_second(self.runtime, file, photo, size, batch, seconds);
+            self.rates[i].push(v);
+            self.worst_psnr[i] = self.worst_psnr[i].min(psnr(&output, &reference));
+        }
+        rate
+    }
+
+    /// Per variant: images/s per round, mean, ÷ the default's mean, per-round ratios, worst PSNR.
+    fn variants_json(&self) -> Vec<serde_json::Value> {
+        let default_mean = mean(&self.default);
+        self.variants
+            .iter()
+            .zip(&self.rates)
+            .zip(&self.worst_psnr)
+            .map(|(((name, _), rates), psnr)| {
+                let paired: Vec<f64> = rates.iter().zip(&self.default).map(|(v, r)| v / r).collect();
+                serde_json::json!({
+                    "variant": name, "images_per_second": rates, "mean": mean(rates),
+                    "ratio_to_default": mean(rates) / default_mean,
+                    "paired_ratios": paired, "min_psnr_db": psnr,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The default file's raw images/s and each variant's against it, per size and batch.
+fn print_variant_table(rounds: usize, rows: &[serde_json::Value]) {
+    println!(
+        "\n| size | batch | file | raw img/s (mean of {rounds}) | ÷ default raw | per-round ratios | worst PSNR vs default |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {} | default | {:.2} | - | - | - |",
+            r["size"],
+            r["batch"],
+            r["raw_mean"].as_f64().unwrap()
+        );
+        for v in r["raw_variants"].as_array().unwrap() {
+            let paired: Vec<String> = v["paired_ratios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| format!("{:.2}", x.as_f64().unwrap()))
+                .collect();
+            println!(
+                "| {} | {} | {} | {:.2} | **{:.3}** | {} | {:.1} dB |",
+                r["size"],
+                r["batch"],
+                v["variant"].as_str().unwrap(),
+                v["mean"].as_f64().unwrap(),
+                v["ratio_to_default"].as_f64().unwrap(),
+                paired.join(", "),
+                v["min_psnr_db"].as_f64().unwrap(),
+            );
+        }
+    }
 }
 
 /// PSNR (dB) of two model outputs in [0, 1] after 8-bit quantisation, as the worker quantises.
@@ -459,35 +521,16 @@ fn main() {
         for ((batch, _), producer) in workers.iter().zip(&mut producers) {
             let batch = *batch;
             rt.block_on(worker_images_per_second(producer, &photo, 2 * batch)); // warm-up at this size
-            let (mut raw, mut e2e) = (Vec::new(), Vec::new());
-            let mut variant_rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-            let mut variant_psnr = vec![f64::INFINITY; variants.len()];
+            let mut raw_rounds = RawRounds::new(&runtime, &model, &variants);
+            let mut e2e = Vec::new();
             for _ in 0..args.rounds {
-                let (r, reference) = raw_images_per_second(&runtime, &model, &photo, size, batch, args.seconds);
-                for (i, (_, file)) in variants.iter().enumerate() {
-                    let (v, output) = raw_images_per_second(&runtime, file, &photo, size, batch, args.seconds);
-                    variant_rates[i].push(v);
-                    variant_psnr[i] = variant_psnr[i].min(psnr(&output, &reference));
-                }
+                let r = raw_rounds.round(&photo, size, batch, args.seconds);
                 let count = ((r * args.seconds).round() as usize).max(4 * batch);
-                raw.push(r);
                 e2e.push(rt.block_on(worker_images_per_second(producer, &photo, count)));
             }
-            let raw_variants: Vec<serde_json::Value> = variants
-                .iter()
-                .zip(&variant_rates)
-                .zip(&variant_psnr)
-                .map(|(((name, _), rates), psnr)| {
-                    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-                    let paired: Vec<f64> = rates.iter().zip(&raw).map(|(v, r)| v / r).collect();
-                    serde_json::json!({
-                        "variant": name, "images_per_second": rates, "mean": mean,
-                        "ratio_to_default": mean / (raw.iter().sum::<f64>() / raw.len() as f64),
-                        "paired_ratios": paired, "min_psnr_db": psnr,
-                    })
-                })
-                .collect();
-            let raw_mean = raw.iter().sum::<f64>() / raw.len() as f64;
+            let raw_variants = raw_rounds.variants_json();
+            let raw = raw_rounds.default;
+            let raw_mean = mean(&raw);
             let e2e_mean = e2e.iter().map(|w| w.images_per_second).sum::<f64>() / e2e.len() as f64;
             let last = e2e.last().unwrap();
             // Each round's worker rate over the raw rate just before it: how much noise is in the mean.
@@ -620,30 +663,6 @@ fn main() {
         );
     }
     if !variants.is_empty() {
-        println!(
-            "\n| size | batch | variant | raw img/s (mean of {}) | ÷ default raw | per-round ratios | worst PSNR vs default |",
-            args.rounds
-        );
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
-        for r in &rows {
-            for v in r["raw_variants"].as_array().unwrap() {
-                let paired: Vec<String> = v["paired_ratios"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| format!("{:.2}", x.as_f64().unwrap()))
-                    .collect();
-                println!(
-                    "| {} | {} | {} | {:.2} | **{:.3}** | {} | {:.1} dB |",
-                    r["size"],
-                    r["batch"],
-                    v["variant"].as_str().unwrap(),
-                    v["mean"].as_f64().unwrap(),
-                    v["ratio_to_default"].as_f64().unwrap(),
-                    paired.join(", "),
-                    v["min_psnr_db"].as_f64().unwrap(),
-                );
-            }
-        }
+        print_variant_table(args.rounds, &rows);
     }
 }
