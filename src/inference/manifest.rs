@@ -172,15 +172,13 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// The model files, as paths.
+    /// Every file the manifest names (the one in use and its variants), as paths; checked at load.
     pub fn files(&self) -> Vec<PathBuf> {
-        match &self.pipeline {
-            PipelineSpec::StyleBank(s) => std::iter::once(&s.file)
-                .chain(s.variants.values().map(|v| &v.file))
-                .map(|file| self.dir.join(file))
-                .collect(),
-            PipelineSpec::ArbitraryStyle(s) => vec![self.dir.join(&s.predict_file), self.dir.join(&s.transform_file)],
+        let mut files = self.files_in_use();
+        if let PipelineSpec::StyleBank(s) = &self.pipeline {
+            files.extend(s.variants.values().map(|v| self.dir.join(&v.file)));
         }
+        files
     }
 
     /// The files this manifest serves now (the default file or the selected variant's).
