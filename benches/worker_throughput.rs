@@ -11,7 +11,11 @@
 //! With `--raw-variants fp16` (any variants the model's manifest lists), each raw round also times
 //! those files on the same inputs, and the report adds their images/s ÷ the default file's and the
 //! PSNR of their 8-bit outputs against the default's: the speed and quality of a reduced-precision
-//! variant on the provider in use.
+//! variant on the provider in use. `bound` (alone or as `fp16+bound`) times a file through an
+//! IoBinding on tensors in pinned host memory (CUDA) or ONNX Runtime's CPU allocator (CPU) instead
+//! of views of kiln's buffers: what `inference.cuda.pinned_io` changes. With
+//! `KILN_INFERENCE__CUDA__PINNED_IO=true` the default file's raw rounds are bound too, like the
+//! worker's batches.
 //!
 //! The `KILN_*` environment applies to the raw sessions and to the worker processes alike, so on a
 //! GPU machine `KILN_INFERENCE__EXECUTION_PROVIDER=cuda KILN_INFERENCE__RUNTIME_LIBRARY=...` makes
@@ -28,7 +32,8 @@ use kiln::amqp::Topology;
 use kiln::configuration::Settings;
 use kiln::domain::{ReplyStatus, RequestDocument, WireImage, WireParams, WireStyle, CONTRACT_VERSION};
 use kiln::imaging::{Layout, ValueRange};
-use kiln::inference::Runtime;
+use kiln::inference::style_bank::{BoundIo, TensorIo};
+use kiln::inference::{ActiveProvider, Runtime};
 use kiln::submit::Producer;
 use ort::value::TensorRef;
 
@@ -66,7 +71,7 @@ fn args() -> Args {
             ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
             ("--raw-variants", Some(v)) => a.raw_variants = v.split(',').map(str::to_owned).collect(),
             _ => panic!(
-                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R] [--raw-variants fp16] [--raw-only]"
+                "usage: worker_throughput [--sizes 256,512] [--batches 1,4] [--threads N] [--seconds S] [--rounds R] [--raw-variants fp16,bound,fp16+bound] [--raw-only]"
             ),
         }
     }
@@ -99,17 +104,50 @@ fn model_file(settings: &Settings, variant: Option<&str>) -> PathBuf {
     manifest.files_in_use().remove(0)
 }
 
+/// A file to time raw: the default file or a variant, through views of host buffers or bound
+/// tensors (`+bound`: pinned host memory and an IoBinding on CUDA, ONNX Runtime's CPU allocator on
+/// CPU; see `inference.cuda.pinned_io`).
+struct RawFile {
+    name: String,
+    file: PathBuf,
+    io: TensorIo,
+}
+
+impl RawFile {
+    /// `fp16`, `bound`, `fp16+bound`: a variant the manifest lists and/or `bound`.
+    fn parse(spec: &str, settings: &Settings, runtime: &Runtime) -> Self {
+        let bound = spec.split('+').any(|p| p == "bound");
+        let variant = spec.split('+').find(|&p| p != "bound");
+        Self {
+            name: spec.to_owned(),
+            file: model_file(settings, variant),
+            io: if bound { bound_io(runtime) } else { runtime.tensor_io() },
+        }
+    }
+}
+
+/// Bound tensors on the provider in use: pinned memory of the GPU on CUDA, the CPU allocator else.
+fn bound_io(runtime: &Runtime) -> TensorIo {
+    match runtime.provider() {
+        ActiveProvider::Cuda { device_id } => TensorIo::Bound {
+            pinned: Some(device_id),
+        },
+        _ => TensorIo::Bound { pinned: None },
+    }
+}
+
 /// Raw model throughput: `session.run` on a preloaded `[batch, 3, size, size]` tensor of the photo
-/// with a different style per sample, for `seconds`. Also returns the last output.
+/// with a different style per sample, for `seconds` (with bound tensors: `run_binding` on tensors
+/// preloaded in the bound memory, the output bound to it too). Also returns the last output.
 fn raw_images_per_second(
     runtime: &Runtime,
-    model: &Path,
+    model: &RawFile,
     photo: &[u8],
     size: u32,
     batch: usize,
     seconds: f64,
 ) -> (f64, Vec<f32>) {
-    let mut session = runtime.session(model).unwrap();
+    let mut session = runtime.session(&model.file).unwrap();
     let s = size as usize;
     // The same photo the worker gets, as the tensor the worker would build from it: content
     // matters (a flat grey image would skip the real activations' arithmetic).
@@ -128,13 +166,29 @@ fn raw_images_per_second(
     for i in 0..batch {
         weights[26 * i + (7 + i) % 26] = 1.0;
     }
+    let binding = match model.io {
+        TensorIo::Views => None,
+        TensorIo::Bound { pinned } => {
+            let io = BoundIo::new(&session, pinned).unwrap();
+            let mut binding = session.create_binding().unwrap();
+            let image_tensor = io.tensor(&[batch, 3, s, s], std::iter::repeat_n(image.as_slice(), batch));
+            let weights_tensor = io.tensor(&[batch, 26], weights.chunks_exact(26));
+            binding.bind_input("image", &image_tensor.unwrap()).unwrap();
+            binding.bind_input("style_weights", &weights_tensor.unwrap()).unwrap();
+            binding.bind_output_to_device("stylized", io.output()).unwrap();
+            Some(binding)
+        }
+    };
     let mut run = |keep: bool| {
-        let out = session
-            .run(ort::inputs![
-                "image" => TensorRef::from_array_view(([batch, 3, s, s], images.as_slice())).unwrap(),
-                "style_weights" => TensorRef::from_array_view(([batch, 26], weights.as_slice())).unwrap(),
-            ])
-            .unwrap();
+        let out = match &binding {
+            Some(binding) => session.run_binding(binding).unwrap(),
+            None => session
+                .run(ort::inputs![
+                    "image" => TensorRef::from_array_view(([batch, 3, s, s], images.as_slice())).unwrap(),
+                    "style_weights" => TensorRef::from_array_view(([batch, 26], weights.as_slice())).unwrap(),
+                ])
+                .unwrap(),
+        };
         std::hint::black_box(&out);
         keep.then(|| out["stylized"].try_extract_tensor::<f32>().unwrap().1.to_vec())
     };
@@ -150,7 +204,7 @@ fn raw_images_per_second(
 
 /// `--raw-only`: the model file alone (and its variants), no broker, no worker: images/s per size
 /// and batch, variants ÷ default and their PSNR. Writes `target/bench/raw_variants.json`.
-fn raw_only(args: &Args, runtime: &Runtime, model: &Path, variants: &[(String, PathBuf)]) {
+fn raw_only(args: &Args, runtime: &Runtime, model: &RawFile, variants: &[RawFile]) {
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let photo = jpeg_of_size(size);
@@ -185,15 +239,15 @@ fn mean(values: &[f64]) -> f64 {
 /// images/s per round of each, and each variant's worst PSNR against the default's output.
 struct RawRounds<'a> {
     runtime: &'a Runtime,
-    model: &'a Path,
-    variants: &'a [(String, PathBuf)],
+    model: &'a RawFile,
+    variants: &'a [RawFile],
     default: Vec<f64>,
     rates: Vec<Vec<f64>>,
     worst_psnr: Vec<f64>,
 }
 
 impl<'a> RawRounds<'a> {
-    fn new(runtime: &'a Runtime, model: &'a Path, variants: &'a [(String, PathBuf)]) -> Self {
+    fn new(runtime: &'a Runtime, model: &'a RawFile, variants: &'a [RawFile]) -> Self {
         Self {
             runtime,
             model,
@@ -208,7 +262,7 @@ impl<'a> RawRounds<'a> {
     fn round(&mut self, photo: &[u8], size: u32, batch: usize, seconds: f64) -> f64 {
         let (rate, reference) = raw_images_per_second(self.runtime, self.model, photo, size, batch, seconds);
         self.default.push(rate);
-        for (i, (_, file)) in self.variants.iter().enumerate() {
+        for (i, file) in self.variants.iter().enumerate() {
             let (v, output) = raw_images_per_second(self.runtime, file, photo, size, batch, seconds);
             self.rates[i].push(v);
             self.worst_psnr[i] = self.worst_psnr[i].min(psnr(&output, &reference));
@@ -223,10 +277,10 @@ impl<'a> RawRounds<'a> {
             .iter()
             .zip(&self.rates)
             .zip(&self.worst_psnr)
-            .map(|(((name, _), rates), psnr)| {
+            .map(|((file, rates), psnr)| {
                 let paired: Vec<f64> = rates.iter().zip(&self.default).map(|(v, r)| v / r).collect();
                 serde_json::json!({
-                    "variant": name, "images_per_second": rates, "mean": mean(rates),
+                    "variant": file.name, "tensor_io": format!("{:?}", file.io), "images_per_second": rates, "mean": mean(rates),
                     "ratio_to_default": mean(rates) / default_mean,
                     "paired_ratios": paired, "min_psnr_db": psnr,
                 })
@@ -485,17 +539,22 @@ fn main() {
     let args = args();
     let base = settings(args.threads);
     let runtime = Runtime::init(&base.inference).expect("ONNX Runtime (run scripts/setup.sh)");
-    let model = model_file(&base, None);
-    let variants: Vec<(String, PathBuf)> = args
+    let model = RawFile {
+        name: "default".into(),
+        file: model_file(&base, None),
+        io: runtime.tensor_io(),
+    };
+    let variants: Vec<RawFile> = args
         .raw_variants
         .iter()
-        .map(|v| (v.clone(), model_file(&base, Some(v))))
+        .map(|v| RawFile::parse(v, &base, &runtime))
         .collect();
     eprintln!(
-        "provider {}, model {}, raw variants {:?}",
+        "provider {}, model {} ({:?}), raw variants {:?}",
         runtime.provider().name(),
-        model.display(),
-        args.raw_variants
+        model.file.display(),
+        model.io,
+        variants.iter().map(|v| (&v.name, &v.io)).collect::<Vec<_>>()
     );
     if args.raw_only {
         return raw_only(&args, &runtime, &model, &variants);
@@ -593,7 +652,7 @@ fn main() {
     let wire: Vec<serde_json::Value> = args.sizes.iter().map(|&size| wire_costs(size)).collect();
     let report = serde_json::json!({
         "provider": runtime.provider().name(),
-        "model": model.strip_prefix(repo()).unwrap_or(&model),
+        "model": model.file.strip_prefix(repo()).unwrap_or(&model.file), "tensor_io": format!("{:?}", model.io),
         "wire": wire,
         "threads": args.threads,
         "cold_start_seconds": cold_start,

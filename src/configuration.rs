@@ -266,6 +266,10 @@ pub struct CudaSettings {
     pub conv_use_max_workspace: bool,
     /// Allow TF32 tensor-core math for fp32 convolutions (faster, ~10 mantissa bits). Default false.
     pub tf32: bool,
+    /// Batches of style bank models go to the GPU from page-locked (pinned) host memory through an
+    /// IoBinding, and their outputs come back into it: DMA copies instead of staged ones from
+    /// pageable memory. Default false until measured on a GPU (BENCHMARKS.md, GPU).
+    pub pinned_io: bool,
 }
 
 impl Default for CudaSettings {
@@ -277,6 +281,7 @@ impl Default for CudaSettings {
             conv_algorithm_search: ConvAlgorithmSearch::Exhaustive,
             conv_use_max_workspace: true,
             tf32: false,
+            pinned_io: false,
         }
     }
 }

@@ -315,7 +315,7 @@ fn load_runners(
         let mut runner = match &manifest.pipeline {
             PipelineSpec::StyleBank(spec) => {
                 let session = runtime.session(&manifest.dir.join(&spec.file))?;
-                Runner::StyleBank(StyleBankRunner::new(session, spec.clone())?)
+                Runner::StyleBank(StyleBankRunner::new(session, spec.clone(), runtime.tensor_io())?)
             }
             PipelineSpec::ArbitraryStyle(spec) => {
                 let predict = runtime.session(&manifest.dir.join(&spec.predict_file))?;

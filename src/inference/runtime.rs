@@ -14,6 +14,8 @@ use crate::configuration::{
     ArenaExtendStrategy, ConvAlgorithmSearch, ExecutionProviderKind, Fallback, InferenceSettings, ORT_VERSION,
 };
 
+use super::style_bank::TensorIo;
+
 /// Why inference could not start. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -152,6 +154,17 @@ impl Runtime {
     /// The provider sessions run on.
     pub fn provider(&self) -> ActiveProvider {
         self.provider
+    }
+
+    /// How runners should hand batches to this provider: pinned host memory through an IoBinding
+    /// when CUDA runs and `inference.cuda.pinned_io` is set, views of kiln's buffers otherwise.
+    pub fn tensor_io(&self) -> TensorIo {
+        match self.provider {
+            ActiveProvider::Cuda { device_id } if self.settings.cuda.pinned_io => TensorIo::Bound {
+                pinned: Some(device_id),
+            },
+            _ => TensorIo::Views,
+        }
     }
 
     /// A session for `model`, on the active provider.

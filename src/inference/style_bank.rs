@@ -4,8 +4,9 @@
 //! Pre-processing and post-processing run on blocking threads; only [`StyleBankRunner::run`] runs
 //! on the inference thread.
 
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 
 use super::manifest::{Manifest, StyleBankSpec};
 use super::{request_output_size, Finish, ModelInput, Prepared};
@@ -114,17 +115,95 @@ fn style_weights(choice: Option<&StyleChoice>, styles: usize) -> Result<Vec<f32>
     Ok(weights.into_iter().map(|w| (w / total) as f32).collect())
 }
 
+/// How a runner hands its tensors to ONNX Runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TensorIo {
+    /// `session.run` on views of buffers kiln allocated: no extra copy on CPU; with CUDA, ONNX
+    /// Runtime copies them to the device from pageable memory (staged, synchronous).
+    #[default]
+    Views,
+    /// An `IoBinding` with the batch written straight into tensors ONNX Runtime allocated, and the
+    /// output bound to the same memory: page-locked host memory of GPU `pinned` (`CudaPinned`, which
+    /// the GPU reads and writes by DMA), or ONNX Runtime's CPU allocator when `pinned` is `None`.
+    Bound {
+        /// The CUDA device whose pinned host memory holds the tensors.
+        pinned: Option<i32>,
+    },
+}
+
 /// Owns the session of a style bank model, on the inference thread.
 pub struct StyleBankRunner {
     session: Session,
     spec: StyleBankSpec,
+    bound: Option<BoundIo>,
+}
+
+/// The memory of [`TensorIo::Bound`]: an allocator for input tensors, and where outputs go.
+pub struct BoundIo {
+    allocator: Allocator,
+    output: MemoryInfo<'static>,
+}
+
+impl BoundIo {
+    /// Pinned host memory of CUDA device `pinned` (the session must run on CUDA), or ONNX
+    /// Runtime's CPU allocator when `None`.
+    pub fn new(session: &Session, pinned: Option<i32>) -> ort::Result<Self> {
+        let (input, output) = match pinned {
+            Some(device) => (
+                MemoryInfo::new(
+                    AllocationDevice::CUDA_PINNED,
+                    device,
+                    AllocatorType::Device,
+                    MemoryType::CPUInput,
+                )?,
+                MemoryInfo::new(
+                    AllocationDevice::CUDA_PINNED,
+                    device,
+                    AllocatorType::Device,
+                    MemoryType::CPUOutput,
+                )?,
+            ),
+            None => (
+                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)?,
+                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)?,
+            ),
+        };
+        Ok(Self {
+            allocator: Allocator::new(session, input)?,
+            output,
+        })
+    }
+
+    /// Where to bind outputs (`IoBinding::bind_output_to_device`).
+    pub fn output(&self) -> &MemoryInfo<'static> {
+        &self.output
+    }
+
+    /// A tensor of `shape` from the allocator, filled with the samples (each `shape[1..]`) in order.
+    pub fn tensor<'s>(&self, shape: &[usize], samples: impl Iterator<Item = &'s [f32]>) -> ort::Result<Tensor<f32>> {
+        let mut tensor = Tensor::<f32>::new(&self.allocator, shape.to_vec())?;
+        let (_, data) = tensor.extract_tensor_mut();
+        for (chunk, sample) in data.chunks_exact_mut(shape[1..].iter().product()).zip(samples) {
+            chunk.copy_from_slice(sample);
+        }
+        Ok(tensor)
+    }
 }
 
 impl StyleBankRunner {
     /// Wrap a session built from the manifest's file, checking it has the tensors the manifest names.
-    pub fn new(session: Session, spec: StyleBankSpec) -> anyhow::Result<Self> {
+    pub fn new(session: Session, spec: StyleBankSpec, io: TensorIo) -> anyhow::Result<Self> {
         super::check_names(&session, &[&spec.image_input, &spec.weights_input], &[&spec.output])?;
-        Ok(Self { session, spec })
+        let bound = match io {
+            TensorIo::Views => None,
+            TensorIo::Bound { pinned } => Some(BoundIo::new(&session, pinned).map_err(|e| match pinned {
+                Some(gpu) => anyhow::anyhow!(
+                    "inference.cuda.pinned_io: cannot allocate tensors in pinned memory of GPU {gpu}: {e}"
+                ),
+                None => anyhow::anyhow!("cannot allocate tensors with ONNX Runtime's CPU allocator: {e}"),
+            })?),
+        };
+        Ok(Self { session, spec, bound })
     }
 
     /// Run a batch of samples of the same tensor size; returns one output per sample.
@@ -134,35 +213,97 @@ impl StyleBankRunner {
         if batch.iter().any(|s| (s.width as usize, s.height as usize) != (w, h)) {
             return Err("a batch must share one tensor size".into());
         }
-        let n = batch.len();
-        let sample = 3 * w * h;
-        let mut images = Vec::with_capacity(n * sample);
-        let mut weights = Vec::with_capacity(n * self.spec.styles);
-        for s in batch {
-            images.extend_from_slice(&s.image);
-            weights.extend_from_slice(&s.weights);
+        if batch
+            .iter()
+            .any(|s| s.image.len() != 3 * w * h || s.weights.len() != self.spec.styles)
+        {
+            return Err(format!(
+                "a sample does not hold 3x{h}x{w} values and {} style weights",
+                self.spec.styles
+            ));
         }
+        let n = batch.len();
         let image_shape = match self.spec.layout {
             crate::imaging::Layout::Nchw => [n, 3, h, w],
             crate::imaging::Layout::Nhwc => [n, h, w, 3],
         };
-        let image = TensorRef::from_array_view((image_shape, images.as_slice())).map_err(|e| e.to_string())?;
-        let style =
-            TensorRef::from_array_view(([n, self.spec.styles], weights.as_slice())).map_err(|e| e.to_string())?;
+        let weights_shape = [n, self.spec.styles];
+        let split = |data: &[f32]| {
+            let sample = 3 * w * h;
+            if data.len() != n * sample {
+                return Err(format!(
+                    "the model returned {} values for {n} samples of {w}x{h}",
+                    data.len()
+                ));
+            }
+            Ok(data.chunks_exact(sample).map(<[f32]>::to_vec).collect())
+        };
+        match &self.bound {
+            None => self.run_on_views(batch, image_shape, weights_shape, split),
+            Some(_) => self.run_bound(batch, image_shape, weights_shape, split),
+        }
+    }
+
+    /// [`TensorIo::Views`]: the batch concatenated into kiln's buffers, run through `session.run`.
+    fn run_on_views(
+        &mut self,
+        batch: &[&StyleBankInput],
+        image_shape: [usize; 4],
+        weights_shape: [usize; 2],
+        split: impl FnOnce(&[f32]) -> Result<Vec<Vec<f32>>, String>,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let e = |e: ort::Error| e.to_string();
+        let images = batch.iter().map(|s| s.image.as_slice()).collect::<Vec<_>>().concat();
+        let weights = batch.iter().map(|s| s.weights.as_slice()).collect::<Vec<_>>().concat();
+        let image = TensorRef::from_array_view((image_shape, images.as_slice())).map_err(e)?;
+        let weights = TensorRef::from_array_view((weights_shape, weights.as_slice())).map_err(e)?;
         let outputs = self
             .session
             .run(ort::inputs![
                 self.spec.image_input.as_str() => image,
-                self.spec.weights_input.as_str() => style,
+                self.spec.weights_input.as_str() => weights,
             ])
-            .map_err(|e| e.to_string())?;
-        let (shape, data) = outputs[self.spec.output.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| e.to_string())?;
-        if data.len() != n * sample {
-            return Err(format!("the model returned shape {shape:?} for {n} samples of {w}x{h}"));
-        }
-        Ok(data.chunks_exact(sample).map(<[f32]>::to_vec).collect())
+            .map_err(e)?;
+        split(
+            outputs[self.spec.output.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(e)?
+                .1,
+        )
+    }
+
+    /// [`TensorIo::Bound`]: the batch written into ONNX Runtime's tensors, run through an IoBinding
+    /// whose output lands in the same kind of memory.
+    fn run_bound(
+        &mut self,
+        batch: &[&StyleBankInput],
+        image_shape: [usize; 4],
+        weights_shape: [usize; 2],
+        split: impl FnOnce(&[f32]) -> Result<Vec<Vec<f32>>, String>,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let e = |e: ort::Error| e.to_string();
+        let io = self.bound.as_ref().expect("bound tensors");
+        let image = io
+            .tensor(&image_shape, batch.iter().map(|s| s.image.as_slice()))
+            .map_err(e)?;
+        let weights = io
+            .tensor(&weights_shape, batch.iter().map(|s| s.weights.as_slice()))
+            .map_err(e)?;
+        let mut binding = self.session.create_binding().map_err(e)?;
+        binding.bind_input(self.spec.image_input.as_str(), &image).map_err(e)?;
+        binding
+            .bind_input(self.spec.weights_input.as_str(), &weights)
+            .map_err(e)?;
+        binding
+            .bind_output_to_device(self.spec.output.as_str(), io.output())
+            .map_err(e)?;
+        let outputs = self.session.run_binding(&binding).map_err(e)?;
+        split(
+            outputs[self.spec.output.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(e)?
+                .1,
+        )
     }
 }
 
