@@ -184,6 +184,9 @@ pub struct InferenceSettings {
     /// under the current directory, where `scripts/fetch-onnxruntime.sh` puts it.
     pub runtime_library: Option<PathBuf>,
     /// Threads inside one operator; 0 lets ONNX Runtime choose (one per physical core). Default 0.
+    /// On a CPU worker that shares its cores with decoding, PNG and the broker client, one fewer
+    /// than the cores keeps the model's speed, and so paid latency, steady under a flood
+    /// (BENCHMARKS.md, priority under overload).
     pub intra_threads: usize,
     /// Let ONNX Runtime's threads busy-wait between operators. Default false: decoding and PNG
     /// encoding share the cores with inference, and spinning threads starve them (BENCHMARKS.md).

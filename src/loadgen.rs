@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
@@ -184,8 +184,9 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     topology.declare(&channel).await?;
     let (reply_queue, mut consumer) = crate::amqp::private_reply_queue(&channel).await?;
+    let reader_tag = consumer.tag();
     let book: Book = Arc::default();
-    let reader = tokio::spawn({
+    let mut reader = tokio::spawn({
         let book = Arc::clone(&book);
         async move {
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -345,7 +346,13 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
         Ok(stopped) => stopped??,
         Err(_) => tracing::error!("the bench's worker did not stop within its grace period"),
     }
-    reader.abort();
+    // Cancel the reply consumer and let the reader see its stream end, then the channel, then the
+    // connection: each closed under an open child races the child's own close (lapin logs it).
+    let _ = channel.basic_cancel(reader_tag, BasicCancelOptions::default()).await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut reader).await.is_err() {
+        reader.abort();
+    }
+    let _ = channel.close(200, "bench done".into()).await;
     let _ = connection.close(200, "bench done".into()).await;
     delete(&settings, &topology).await;
     Ok(report)
@@ -521,6 +528,7 @@ async fn delete(settings: &Settings, topology: &Topology) {
     };
     if let Ok(channel) = connection.create_channel().await {
         topology.delete(&channel).await;
+        let _ = channel.close(200, "bench cleanup".into()).await;
     }
     let _ = connection.close(200, "bench cleanup".into()).await;
     if let Ok(client) = redis::Client::open(settings.rate_limit.redis_url.expose_secret()) {

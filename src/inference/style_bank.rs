@@ -5,7 +5,7 @@
 //! on the inference thread.
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
+use ort::session::{IoBinding, Session};
 use ort::value::{Tensor, TensorRef};
 
 use super::manifest::{Manifest, StyleBankSpec};
@@ -228,82 +228,47 @@ impl StyleBankRunner {
             crate::imaging::Layout::Nhwc => [n, h, w, 3],
         };
         let weights_shape = [n, self.spec.styles];
-        let split = |data: &[f32]| {
-            let sample = 3 * w * h;
-            if data.len() != n * sample {
-                return Err(format!(
-                    "the model returned {} values for {n} samples of {w}x{h}",
-                    data.len()
-                ));
+        let e = |e: ort::Error| e.to_string();
+        let (images, weights, binding);
+        let outputs = match &self.bound {
+            // The batch concatenated into kiln's buffers, run on views of them.
+            None => {
+                images = batch.iter().map(|s| s.image.as_slice()).collect::<Vec<_>>().concat();
+                weights = batch.iter().map(|s| s.weights.as_slice()).collect::<Vec<_>>().concat();
+                self.session
+                    .run(ort::inputs![
+                        self.spec.image_input.as_str() => TensorRef::from_array_view((image_shape, images.as_slice())).map_err(e)?,
+                        self.spec.weights_input.as_str() => TensorRef::from_array_view((weights_shape, weights.as_slice())).map_err(e)?,
+                    ])
+                    .map_err(e)?
             }
-            Ok(data.chunks_exact(sample).map(<[f32]>::to_vec).collect())
+            // The batch written into ONNX Runtime's tensors, the output bound to the same memory.
+            Some(io) => {
+                let image = io.tensor(&image_shape, batch.iter().map(|s| s.image.as_slice()));
+                let weights = io.tensor(&weights_shape, batch.iter().map(|s| s.weights.as_slice()));
+                let bind = || -> ort::Result<IoBinding> {
+                    let mut binding = self.session.create_binding()?;
+                    binding.bind_input(self.spec.image_input.as_str(), &image?)?;
+                    binding.bind_input(self.spec.weights_input.as_str(), &weights?)?;
+                    binding.bind_output_to_device(self.spec.output.as_str(), io.output())?;
+                    Ok(binding)
+                };
+                binding = bind().map_err(e)?;
+                self.session.run_binding(&binding).map_err(e)?
+            }
         };
-        match &self.bound {
-            None => self.run_on_views(batch, image_shape, weights_shape, split),
-            Some(_) => self.run_bound(batch, image_shape, weights_shape, split),
+        let data = outputs[self.spec.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(e)?
+            .1;
+        let sample = 3 * w * h;
+        if data.len() != n * sample {
+            return Err(format!(
+                "the model returned {} values for {n} samples of {w}x{h}",
+                data.len()
+            ));
         }
-    }
-
-    /// [`TensorIo::Views`]: the batch concatenated into kiln's buffers, run through `session.run`.
-    fn run_on_views(
-        &mut self,
-        batch: &[&StyleBankInput],
-        image_shape: [usize; 4],
-        weights_shape: [usize; 2],
-        split: impl FnOnce(&[f32]) -> Result<Vec<Vec<f32>>, String>,
-    ) -> Result<Vec<Vec<f32>>, String> {
-        let e = |e: ort::Error| e.to_string();
-        let images = batch.iter().map(|s| s.image.as_slice()).collect::<Vec<_>>().concat();
-        let weights = batch.iter().map(|s| s.weights.as_slice()).collect::<Vec<_>>().concat();
-        let image = TensorRef::from_array_view((image_shape, images.as_slice())).map_err(e)?;
-        let weights = TensorRef::from_array_view((weights_shape, weights.as_slice())).map_err(e)?;
-        let outputs = self
-            .session
-            .run(ort::inputs![
-                self.spec.image_input.as_str() => image,
-                self.spec.weights_input.as_str() => weights,
-            ])
-            .map_err(e)?;
-        split(
-            outputs[self.spec.output.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(e)?
-                .1,
-        )
-    }
-
-    /// [`TensorIo::Bound`]: the batch written into ONNX Runtime's tensors, run through an IoBinding
-    /// whose output lands in the same kind of memory.
-    fn run_bound(
-        &mut self,
-        batch: &[&StyleBankInput],
-        image_shape: [usize; 4],
-        weights_shape: [usize; 2],
-        split: impl FnOnce(&[f32]) -> Result<Vec<Vec<f32>>, String>,
-    ) -> Result<Vec<Vec<f32>>, String> {
-        let e = |e: ort::Error| e.to_string();
-        let io = self.bound.as_ref().expect("bound tensors");
-        let image = io
-            .tensor(&image_shape, batch.iter().map(|s| s.image.as_slice()))
-            .map_err(e)?;
-        let weights = io
-            .tensor(&weights_shape, batch.iter().map(|s| s.weights.as_slice()))
-            .map_err(e)?;
-        let mut binding = self.session.create_binding().map_err(e)?;
-        binding.bind_input(self.spec.image_input.as_str(), &image).map_err(e)?;
-        binding
-            .bind_input(self.spec.weights_input.as_str(), &weights)
-            .map_err(e)?;
-        binding
-            .bind_output_to_device(self.spec.output.as_str(), io.output())
-            .map_err(e)?;
-        let outputs = self.session.run_binding(&binding).map_err(e)?;
-        split(
-            outputs[self.spec.output.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(e)?
-                .1,
-        )
+        Ok(data.chunks_exact(sample).map(<[f32]>::to_vec).collect())
     }
 }
 
