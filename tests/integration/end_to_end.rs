@@ -1,5 +1,10 @@
 //! A real photo through the real queue and the real model, compared with what the official Python
 //! onnxruntime computes on the same input (tests/data, made by tests/data/make_reference.py).
+//!
+//! The references are computed again on the machine under test: ONNX Runtime's CPU output for the
+//! arbitrary-style model depends on the CPU's instruction set (25 dB between an AVX-512 Xeon and an
+//! AVX2 EPYC for the committed case, kiln or Python alike), while multistyle26's committed
+//! references hold within one level everywhere, which the test checks too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -44,8 +49,38 @@ fn case_request(case: &Case) -> kiln::domain::RequestDocument {
     req
 }
 
+/// Every case's reference output, computed now by the official Python onnxruntime 1.31.1 in
+/// `.venv` (scripts/setup.sh installs it) from the committed inputs: a folder of `ref-*.png`.
+fn references_made_here() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-refs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = std::process::Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/data/make_reference.py"))
+        .arg("--outputs-to")
+        .arg(&dir)
+        .output()
+        .expect(".venv/bin/python (run scripts/setup.sh)");
+    assert!(
+        made.status.success(),
+        "make_reference.py --outputs-to failed (run scripts/setup.sh): {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    dir
+}
+
+fn max_level_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn outputs_match_the_python_onnxruntime_reference() {
+    let here = references_made_here();
     let app = spawn_app().await;
     let mut producer = app.producer().await;
 
@@ -64,9 +99,18 @@ async fn outputs_match_the_python_onnxruntime_reference() {
         assert!(doc.timings_ms.inference > 0.0 && doc.timings_ms.total >= doc.timings_ms.inference);
 
         let got = decode_png(&reply.body);
-        let want = image::open(repo().join("tests/data").join(&case.expected))
-            .unwrap()
-            .into_rgb8();
+        let want = image::open(here.join(&case.expected)).unwrap().into_rgb8();
+        if case.model == "multistyle26" {
+            let committed = image::open(repo().join("tests/data").join(&case.expected))
+                .unwrap()
+                .into_rgb8();
+            let drift = max_level_difference(&committed, &want);
+            assert!(
+                drift <= 1,
+                "{}: this machine's reference is {drift} levels from the committed one",
+                case.name
+            );
+        }
         assert_eq!(got.dimensions(), want.dimensions(), "{}", case.name);
         let diffs: Vec<u8> = got
             .as_raw()
@@ -87,6 +131,7 @@ async fn outputs_match_the_python_onnxruntime_reference() {
     }
     producer.close().await;
     app.stop().await;
+    let _ = std::fs::remove_dir_all(&here);
 }
 
 #[tokio::test]
