@@ -477,9 +477,11 @@ struct Worker {
 impl Worker {
     fn spawn(threads: usize, batch: usize) -> Self {
         let settings = settings(threads);
-        let binary = Path::new(env!("CARGO_BIN_EXE_kiln"));
+        // `BENCH_KILN`: the worker binary on a machine where this one was not built (the GPU kit).
+        let binary =
+            std::env::var_os("BENCH_KILN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")), PathBuf::from);
         let started = Instant::now();
-        let mut child = Command::new(binary)
+        let mut child = Command::new(&binary)
             .arg("worker")
             .current_dir(repo())
             .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
