@@ -24,7 +24,7 @@
 //! Prints a Markdown table and writes `target/bench/worker_throughput.json`.
 
 use std::io::{BufRead, BufReader, Cursor};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -27,7 +27,7 @@ export KILN_INFERENCE__RUNTIME_LIBRARY=${KILN_INFERENCE__RUNTIME_LIBRARY:-$G/lib
 case $mode in
   raw)
     report=$out/gpu-check.md
-    args=(--raw-only --sizes 256,512 --batches 1,4,16 --rounds 3 --seconds 2 --raw-variants fp16,bound,fp16+bound)
+    args=(--raw-only --sizes "256,512" --batches "1,4,16" --rounds 3 --seconds 2 --raw-variants "fp16,bound,fp16+bound")
     ;;
   worker)
     report=$out/gpu-worker-check.md
@@ -37,7 +37,7 @@ case $mode in
     export BENCH_KILN=/tmp/kiln
     export KILN_AMQP__URL=${urls%% *}
     export KILN_RATE_LIMIT__REDIS_URL=${urls##* }
-    args=(--sizes 256,512 --batches 1,4,16 --rounds 3 --seconds 2)
+    args=(--sizes "256,512" --batches "1,4,16" --rounds 3 --seconds 2)
     ;;
   *) echo "unknown check: $mode (raw or worker)" >&2; exit 2 ;;
 esac

@@ -59,4 +59,4 @@ find "$kit/root" -type f \( -perm -u+x -o -name '*.so*' \) -print0 |
 } > "$kit/KIT"
 rm -rf "$kit/root/usr/share/doc" "$kit/root/usr/share/man" "$kit/root/etc/init.d" "$kit/root/lib/systemd"
 tar -C "$work" -cf - kit | xz -9 -T2 > "$out"
-echo "$out: $(du -h "$out" | cut -f1) ($(ls "$kit/lib" | wc -l) libraries bundled)"
+echo "$out: $(du -h "$out" | cut -f1) ($(find "$kit/lib" -type f | wc -l) libraries bundled)"

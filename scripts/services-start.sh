@@ -18,8 +18,7 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 [ -d "$dir/kit" ] || tar -C "$dir" -xJf "$tarball"
 kit=$dir/kit
-# shellcheck disable=SC1091
-. <(grep -E '^[a-z_]+=' "$kit/KIT")
+rabbitmq_home=$(sed -n 's/^rabbitmq_home=//p' "$kit/KIT")
 mkdir -p "$dir/var/redis" "$dir/var/rabbitmq/log" "$dir/var/rabbitmq/mnesia" "$dir/home"
 
 # Only the services see the bundled libraries and the kit's Erlang.
