@@ -23,18 +23,27 @@ kit=$work/kit
 erts=$(basename "$(find "$kit/root/usr/lib/erlang" -maxdepth 1 -name 'erts-*' | head -1)")
 rmq=$(find "$kit/root/usr/lib/rabbitmq/lib" -maxdepth 1 -name 'rabbitmq_server-*' | head -1)
 
-# Debian's `erl` always starts /usr/lib/erlang; this one starts the Erlang next to it.
+# Debian's `erl` scripts always start /usr/lib/erlang; these start the Erlang they belong to.
+# (RabbitMQ runs `code:root_dir()/bin/erl` itself to start epmd, so both copies matter.)
 mkdir "$kit/bin"
-cat > "$kit/bin/erl" <<EOF
+erl_root=$kit/root/usr/lib/erlang
+for erl in "$erl_root/bin/erl" "$erl_root/$erts/bin/erl"; do
+  cat > "$erl" <<EOF
 #!/bin/sh
-ROOTDIR=\$(cd "\$(dirname "\$0")/../root/usr/lib/erlang" && pwd)
+here=\$(dirname "\$(readlink -f "\$0")")
+case \$here in
+  */erts-*/bin) ROOTDIR=\$(cd "\$here/../.." && pwd) ;;
+  *) ROOTDIR=\$(cd "\$here/.." && pwd) ;;
+esac
 BINDIR="\$ROOTDIR/$erts/bin"
 EMU=beam
 PROGNAME=erl
 export ROOTDIR BINDIR EMU PROGNAME
 exec "\$BINDIR/erlexec" "\$@"
 EOF
-chmod +x "$kit/bin/erl"
+  chmod +x "$erl"
+done
+ln -s ../root/usr/lib/erlang/bin/erl "$kit/bin/erl"
 for tool in escript erlc; do ln -s "../root/usr/lib/erlang/$erts/bin/$tool" "$kit/bin/$tool"; done
 ln -s "../root/usr/lib/erlang/$erts/bin/epmd" "$kit/bin/epmd"
 for tool in redis-server redis-cli; do ln -s "../root/usr/bin/$tool" "$kit/bin/$tool"; done
@@ -50,6 +59,10 @@ find "$kit/root" -type f \( -perm -u+x -o -name '*.so*' \) -print0 |
       *) cp -L "$lib" "$kit/lib/" ;;
     esac
   done
+# OpenSSL loads its providers (Erlang's crypto asks for the legacy one) from a compiled-in folder;
+# bring the one that matches the bundled libcrypto (services-start.sh sets OPENSSL_MODULES).
+mkdir "$kit/lib/ossl-modules"
+cp -L "$(openssl version -m | sed -n 's/^MODULESDIR: "\(.*\)"$/\1/p')/legacy.so" "$kit/lib/ossl-modules/"
 # What the start script needs to know, and where it came from.
 {
   echo "erts=$erts"

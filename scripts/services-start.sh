@@ -22,8 +22,8 @@ rabbitmq_home=$(sed -n 's/^rabbitmq_home=//p' "$kit/KIT")
 mkdir -p "$dir/var/redis" "$dir/var/rabbitmq/log" "$dir/var/rabbitmq/mnesia" "$dir/home"
 
 # Only the services see the bundled libraries and the kit's Erlang.
-services_env=(env "PATH=$kit/bin:$PATH" "LD_LIBRARY_PATH=$kit/lib" "HOME=$dir/home"
-  "ERL_EPMD_PORT=$epmd_port")
+services_env=(env "PATH=$kit/bin:$PATH" "LD_LIBRARY_PATH=$kit/lib" "OPENSSL_MODULES=$kit/lib/ossl-modules"
+  "HOME=$dir/home" "ERL_EPMD_PORT=$epmd_port" "ERL_CRASH_DUMP=$dir/var/erl_crash.dump")
 
 "${services_env[@]}" "$kit/bin/redis-server" --port "$redis_port" --bind 127.0.0.1 --save '' \
   --appendonly no --dir "$dir/var/redis" --daemonize yes --pidfile "$dir/var/redis/pid" \
