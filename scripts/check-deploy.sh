@@ -45,7 +45,7 @@ hadolint docker/Dockerfile
 echo "hadolint: no findings" >&2
 step "shellcheck $(shellcheck --version | sed -n 's/^version: //p'): the deployment scripts"
 shellcheck docker/build-rootfs.sh docker/healthcheck.sh scripts/check-deploy.sh scripts/deploy-tools.sh scripts/render-k8s.sh \
-  scripts/gpu-kit.sh scripts/gpu-check.sh scripts/services-kit.sh scripts/services-start.sh
+  scripts/gpu-kit.sh scripts/gpu-check.sh scripts/services-kit.sh scripts/services-start.sh scripts/services-check.sh
 echo "shellcheck: no findings" >&2
 
 # 2 ---------------------------------------------------------------------------------------------
