@@ -19,7 +19,7 @@ out=${OUT:-/tmp}
 bash "$G/setup.sh"
 # shellcheck disable=SC1091
 . "$G/env.sh"
-[ -x /tmp/raw-bench ] || { xz -d -c "$G/raw-bench.xz" > /tmp/raw-bench && chmod +x /tmp/raw-bench; }
+xz -d -c "$G/raw-bench.xz" > /tmp/raw-bench && chmod +x /tmp/raw-bench
 export BENCH_REPO=$PWD
 export KILN_INFERENCE__EXECUTION_PROVIDER=${KILN_INFERENCE__EXECUTION_PROVIDER:-cuda}
 export KILN_INFERENCE__RUNTIME_LIBRARY=${KILN_INFERENCE__RUNTIME_LIBRARY:-$G/libonnxruntime.so.1.31.1}
@@ -31,7 +31,7 @@ case $mode in
     ;;
   worker)
     report=$out/gpu-worker-check.md
-    [ -x /tmp/kiln ] || { xz -d -c "$G/kiln.xz" > /tmp/kiln && chmod +x /tmp/kiln; }
+    xz -d -c "$G/kiln.xz" > /tmp/kiln && chmod +x /tmp/kiln
     urls=$(scripts/services-start.sh "$G/services.tar.xz" /tmp/kiln-services)
     trap '/tmp/kiln-services/stop.sh' EXIT
     export BENCH_KILN=/tmp/kiln

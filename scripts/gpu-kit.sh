@@ -17,7 +17,7 @@ xz -9 -T2 -c target/raw-bench > .gk1/raw-bench.xz
 mkdir -p .gk5
 strip -o target/kiln-stripped target/release/kiln
 xz -9 -T2 -c target/kiln-stripped > .gk5/kiln.xz
-[ -f .gk5/services.tar.xz ] || scripts/services-kit.sh .gk5/services.tar.xz
+scripts/services-kit.sh .gk5/services.tar.xz
 du -sh .gk1 .gk2 .gk3 .gk4 .gk5
 cat <<'CALLS'
 Device calls (the `run` tool), one right after another:
