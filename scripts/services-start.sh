@@ -53,7 +53,8 @@ true
 EOF
 chmod +x "$dir/stop.sh"
 
-for _ in $(seq 120); do
+deadline=$((SECONDS + 120))
+while [ "$SECONDS" -lt "$deadline" ]; do
   if "${services_env[@]}" "$kit/bin/redis-cli" -p "$redis_port" ping 2>/dev/null | grep -q PONG &&
     "${rabbit_env[@]}" "$kit/$rabbitmq_home/sbin/rabbitmq-diagnostics" -n kiln-kit@localhost -q check_port_listener "$amqp_port" >/dev/null 2>&1; then
     echo "amqp://guest:guest@127.0.0.1:$amqp_port/%2f redis://127.0.0.1:$redis_port/"
@@ -62,6 +63,7 @@ for _ in $(seq 120); do
   kill -0 "$rabbit" 2>/dev/null || break
   sleep 1
 done
-echo "services did not start (within 120 s); logs under $dir/var" >&2
+echo "services did not start (RabbitMQ exited, or 120 s passed); logs under $dir/var" >&2
 tail -20 "$dir/var/rabbitmq/log/stdout" >&2 || true
+"$dir/stop.sh"
 exit 1
