@@ -37,8 +37,78 @@ pub struct LimitInfo {
 pub struct Deferral {
     /// Milliseconds until the request comes back to the queue.
     pub retry_after_ms: u64,
-    /// The limit that deferred it, or `limiter_unavailable` (Redis down under `fail_closed`).
-    pub reason: String,
+    /// What deferred it.
+    pub reason: DeferralReason,
     /// How many times this request has been deferred, this time included.
     pub count: u32,
+}
+
+/// What deferred a request: one of the user's limits, the limiter's outage policy, or overload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeferralReason {
+    /// The tier's rate (burst) limit.
+    Rate,
+    /// The tier's daily quota.
+    DailyQuota,
+    /// The tier's requests in flight.
+    InFlight,
+    /// Redis is unreachable and the limiter is configured to serve nobody meanwhile (`fail_closed`).
+    LimiterUnavailable,
+    /// The request waited in the broker past the overload threshold and its tier defers then.
+    Overloaded,
+}
+
+impl DeferralReason {
+    /// The limit behind `scope`.
+    pub fn of_limit(scope: Scope) -> Self {
+        match scope {
+            Scope::Rate => Self::Rate,
+            Scope::DailyQuota => Self::DailyQuota,
+            Scope::InFlight => Self::InFlight,
+        }
+    }
+
+    /// The name on the wire and in the `reason` label of `kiln_deferrals_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rate => "rate",
+            Self::DailyQuota => "daily_quota",
+            Self::InFlight => "in_flight",
+            Self::LimiterUnavailable => "limiter_unavailable",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+impl std::fmt::Display for DeferralReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DeferralReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferral_reasons_are_named_on_the_wire_as_as_str_says() {
+        for reason in [
+            DeferralReason::Rate,
+            DeferralReason::DailyQuota,
+            DeferralReason::InFlight,
+            DeferralReason::LimiterUnavailable,
+            DeferralReason::Overloaded,
+        ] {
+            let wire = serde_json::to_value(reason).unwrap();
+            assert_eq!(wire, serde_json::Value::from(reason.as_str()));
+            assert_eq!(serde_json::from_value::<DeferralReason>(wire).unwrap(), reason);
+        }
+    }
 }

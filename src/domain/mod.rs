@@ -8,7 +8,7 @@ pub mod request;
 
 pub use error::{ErrorCode, RequestError};
 pub use ids::{RequestId, UserId};
-pub use limits::{Deferral, LimitInfo, Scope};
+pub use limits::{Deferral, DeferralReason, LimitInfo, Scope};
 pub use reply::{ImageInfo, ReplyDocument, ReplyStatus, Timings};
 pub use request::{
     GenerationRequest, Params, PartialRequest, RequestDocument, StyleChoice, WireImage, WireParams, WireStyle,

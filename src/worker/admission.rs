@@ -1,16 +1,27 @@
-//! Whether a request may use the device now: its cost, the user's limits, the tier's policy.
+//! Whether a request may use the device now: its deadline, the worker's overload policy for its
+//! tier, its cost and the user's limits in Redis.
 
-use crate::domain::{Deferral, ErrorCode, GenerationRequest, LimitInfo, RequestError, Scope};
+use std::sync::Arc;
+
+use super::deadline::Deadline;
+use super::incoming::Incoming;
+use super::lease::LeaseGuard;
+use super::Services;
+use crate::domain::reply::Degraded;
+use crate::domain::{Deferral, DeferralReason, ErrorCode, GenerationRequest, LimitInfo, RequestError, Scope};
 use crate::inference::ModelRegistry;
-use crate::rate_limit::{AtLimit, Decision, Lease, Limiter};
+use crate::rate_limit::{AtLimit, Decision, Limiter};
+use crate::scheduling::OverloadAction;
 
 /// What to do with a request before it goes near the device.
 #[derive(Debug)]
 pub(super) enum Admission {
-    /// Render it; give the lease back afterwards.
+    /// Render it; the guard gives the lease back.
     Go {
-        lease: Option<Lease>,
+        lease: LeaseGuard,
         rate_limit: Option<LimitInfo>,
+        /// Set when overload capped its size.
+        degraded: Option<Degraded>,
     },
     /// Answer with this error.
     Refuse {
@@ -35,17 +46,84 @@ impl Admission {
     }
 }
 
+/// Decide, in order: deadline passed → `expired`; overloaded and the tier defers → defer;
+/// overloaded and the tier degrades → cap the size; then the limiter. When the limiter names the
+/// user's tier, `incoming.class` becomes that tier's.
+pub(super) async fn admit(services: &Services, incoming: &mut Incoming) -> Admission {
+    let schedule = &services.schedule;
+    let tier = schedule.class(incoming.class);
+    if let Err(error) = Deadline::of(&incoming.request, tier, incoming.since).check(tier, "admission") {
+        return Admission::Refuse {
+            error,
+            rate_limit: None,
+        };
+    }
+    let overloaded = schedule.overloaded(incoming.queue_wait.and_then(|w| w.try_into().ok()));
+    let mut degraded = None;
+    if overloaded {
+        match tier.overload {
+            OverloadAction::Defer => {
+                return Admission::Defer {
+                    deferral: Deferral {
+                        retry_after_ms: schedule.overload.defer_ms,
+                        reason: DeferralReason::Overloaded,
+                        count: incoming.deferrals + 1,
+                    },
+                    rate_limit: None,
+                }
+            }
+            OverloadAction::Degrade => {
+                // Only a request that would come out larger than the cap is degraded.
+                let cap = schedule.overload.degrade_max_side;
+                let larger = services
+                    .registry
+                    .output_size(&incoming.request)
+                    .is_ok_and(|(w, h)| w.max(h) > cap);
+                if larger {
+                    incoming.request.size_cap = Some(cap);
+                    degraded = Some(Degraded {
+                        max_side: cap,
+                        reason: "overloaded".into(),
+                    });
+                }
+            }
+            OverloadAction::Serve => {}
+        }
+    }
+    let admission = ask_limiter(
+        services.limiter.as_ref(),
+        &services.registry,
+        &incoming.request,
+        incoming.deferrals,
+    )
+    .await;
+    match admission {
+        Admission::Go { lease, rate_limit, .. } => {
+            if let Some(info) = &rate_limit {
+                incoming.class = schedule.class_of(Some(info.tier.as_str()));
+            }
+            Admission::Go {
+                lease,
+                rate_limit,
+                degraded,
+            }
+        }
+        other => other,
+    }
+}
+
 /// Price the request (from the image header alone, no decoding) and ask the limiter.
-pub(super) async fn admit(
-    limiter: Option<&Limiter>,
+async fn ask_limiter(
+    limiter: Option<&Arc<Limiter>>,
     registry: &ModelRegistry,
     request: &GenerationRequest,
     deferrals: u32,
 ) -> Admission {
     let Some(limiter) = limiter else {
         return Admission::Go {
-            lease: None,
+            lease: LeaseGuard::none(),
             rate_limit: None,
+            degraded: None,
         };
     };
     let refuse = |error| Admission::Refuse {
@@ -68,13 +146,19 @@ pub(super) async fn admit(
             ),
         ));
     }
+    let deferral = |retry_after_ms, reason| Deferral {
+        retry_after_ms,
+        reason,
+        count: deferrals + 1,
+    };
     match limiter
         .decide(request.user_id.as_str(), cost, request.request_id.as_str())
         .await
     {
         Decision::Admitted { lease, info } => Admission::Go {
-            lease: Some(lease),
+            lease: LeaseGuard::new(Arc::clone(limiter), lease),
             rate_limit: Some(info),
+            degraded: None,
         },
         Decision::TooCostly { tier, max_units } => refuse(RequestError::new(
             ErrorCode::InvalidParams,
@@ -94,29 +178,13 @@ pub(super) async fn admit(
             info,
             policy: AtLimit::Defer,
         } => Admission::Defer {
-            deferral: Deferral {
-                retry_after_ms: info.retry_after_ms,
-                reason: scope_name(info.scope).to_owned(),
-                count: deferrals + 1,
-            },
+            deferral: deferral(info.retry_after_ms, DeferralReason::of_limit(info.scope)),
             rate_limit: Some(info),
         },
         Decision::Unavailable { retry_after_ms } => Admission::Defer {
-            deferral: Deferral {
-                retry_after_ms,
-                reason: "limiter_unavailable".to_owned(),
-                count: deferrals + 1,
-            },
+            deferral: deferral(retry_after_ms, DeferralReason::LimiterUnavailable),
             rate_limit: None,
         },
-    }
-}
-
-fn scope_name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Rate => "rate",
-        Scope::DailyQuota => "daily_quota",
-        Scope::InFlight => "in_flight",
     }
 }
 

@@ -5,15 +5,12 @@ use lapin::message::Delivery;
 use crate::amqp::{OutgoingReply, ReplyRoute};
 use crate::domain::reply::Degraded;
 use crate::domain::{
-    Deferral, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError, Timings,
+    Deferral, GenerationRequest, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError, Timings,
 };
 
 /// Routing key on the results exchange for replies to requests whose id could not be read.
 /// It cannot collide with a valid request id, which never contains `/`.
 pub const INVALID_ROUTING_KEY: &str = "kiln/invalid";
-
-/// The result of rendering one request.
-pub(super) type Rendered = Result<(Vec<u8>, ImageInfo), RequestError>;
 
 /// What a reply needs to know about its request, whether or not it parsed.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +20,17 @@ pub(super) struct ReplyTarget {
     pub rate_limit: Option<LimitInfo>,
     pub batch_size: Option<usize>,
     pub degraded: Option<Degraded>,
+}
+
+impl ReplyTarget {
+    /// The target of a parsed request.
+    pub fn of(request: &GenerationRequest) -> Self {
+        Self {
+            request_id: Some(request.request_id.to_string()),
+            model: Some(request.model.clone()),
+            ..Self::default()
+        }
+    }
 }
 
 impl From<PartialRequest> for ReplyTarget {
@@ -63,7 +71,7 @@ fn correlation_id(delivery: &Delivery, target: &ReplyTarget) -> String {
 pub(super) fn final_reply(
     delivery: &Delivery,
     target: ReplyTarget,
-    rendered: Rendered,
+    rendered: Result<(Vec<u8>, ImageInfo), RequestError>,
     timings: Timings,
     worker_id: String,
 ) -> OutgoingReply {

@@ -1,20 +1,26 @@
-//! The ack policy: what happens to a request at the broker, decided in one place.
+//! The ack policy: every way a delivery can end, and what the broker is told, in one table.
 //!
-//! | what happened                                  | broker action                          |
-//! |------------------------------------------------|----------------------------------------|
-//! | reply (image or error) confirmed               | ack                                    |
-//! | reply unroutable (no queue for it)             | reject, no requeue → dead-letter queue |
-//! | reply nacked by the broker                     | nack, requeue → retried later          |
-//! | copy in a delay queue confirmed (deferral)     | ack (the copy comes back later)        |
-//! | copy not taken by the broker                   | nack, requeue                          |
-//! | channel or connection gone                     | nothing possible → broker redelivers   |
-//! | inference thread gone (no reply made)          | nack, requeue → another worker         |
+//! A request's own failures (bad input, limits, deadlines, a model run that failed) are answered
+//! with an error reply like any image, so they end as "reply confirmed". [`Failure`] is the line
+//! between those and this worker's own failures, which nobody is answered for.
+//!
+//! | how it ended ([`Ending`])                          | broker action ([`Action`])             |
+//! |----------------------------------------------------|----------------------------------------|
+//! | reply (image or error) confirmed                   | ack                                    |
+//! | reply unroutable (no queue for it)                 | reject, no requeue → dead-letter queue |
+//! | reply nacked by the broker                         | nack, requeue → retried later          |
+//! | copy in a delay queue confirmed (deferral)         | ack (the copy comes back later)        |
+//! | copy not taken by the broker                       | nack, requeue                          |
+//! | the worker cannot serve (inference thread gone)    | nack, requeue → another worker         |
+//! | channel or connection gone before settling         | nothing possible → broker redelivers   |
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 use crate::amqp::PublishOutcome;
-use crate::domain::ErrorCode;
+use crate::cpu_pool::CpuTaskError;
+use crate::domain::{ErrorCode, RequestError};
+use crate::inference::InferenceError;
 
 /// What happened to one delivery, as the broker sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,71 +52,145 @@ pub enum Outcome {
     },
 }
 
-/// Settle a request after publishing its reply.
-pub(super) async fn after_reply(
-    delivery: &Delivery,
-    published: lapin::Result<PublishOutcome>,
-    error: Option<ErrorCode>,
-) -> Outcome {
-    let (outcome, action) = match published {
-        Ok(PublishOutcome::Confirmed) => (
-            Outcome::Replied { error },
-            delivery.ack(BasicAckOptions::default()).await,
-        ),
-        Ok(PublishOutcome::Unroutable(why)) => {
-            let reason = format!("the reply could not be routed ({why})");
-            (
-                Outcome::DeadLettered { reason },
-                delivery.reject(BasicRejectOptions { requeue: false }).await,
-            )
-        }
-        Ok(PublishOutcome::Nacked) => {
-            let reason = "the broker refused the reply".to_owned();
-            (Outcome::Requeued { reason }, delivery.nack(requeue()).await)
-        }
-        Err(e) => {
-            return Outcome::Abandoned {
-                reason: format!("publishing the reply failed: {e}"),
-            }
-        }
-    };
-    checked(outcome, action)
+/// Why a request got no image.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// The request's own: answered with this error reply (then acked like any reply).
+    Request(RequestError),
+    /// This worker's: it cannot serve anyone now, so the request goes back unanswered.
+    Worker(&'static str),
 }
 
-/// Settle a request after putting a copy of it in a delay queue.
-pub(super) async fn after_deferral(
-    delivery: &Delivery,
-    copied: lapin::Result<PublishOutcome>,
-    retry_after_ms: u64,
-) -> Outcome {
-    match copied {
-        Ok(PublishOutcome::Confirmed) => checked(
-            Outcome::Deferred { retry_after_ms },
-            delivery.ack(BasicAckOptions::default()).await,
-        ),
-        Ok(other) => {
-            without_reply(
-                delivery,
-                &format!("the delay queue did not take the request ({other:?})"),
-            )
-            .await
-        }
-        Err(e) => Outcome::Abandoned {
-            reason: format!("deferring the request failed: {e}"),
-        },
+impl From<RequestError> for Failure {
+    fn from(error: RequestError) -> Self {
+        Self::Request(error)
     }
 }
 
-/// Give a request back to the queue, unanswered.
-pub(super) async fn without_reply(delivery: &Delivery, why: &str) -> Outcome {
-    checked(
-        Outcome::Requeued { reason: why.to_owned() },
-        delivery.nack(requeue()).await,
-    )
+impl From<InferenceError> for Failure {
+    fn from(error: InferenceError) -> Self {
+        match error {
+            InferenceError::Unavailable => Self::Worker("the inference thread is not running"),
+            InferenceError::Expired(late) => {
+                crate::metrics::record_expired("batcher");
+                Self::Request(RequestError::new(
+                    ErrorCode::Expired,
+                    format!("the deadline passed {late:.3} s before the device was free"),
+                ))
+            }
+            InferenceError::Failed(message) => Self::Request(RequestError::new(ErrorCode::InferenceFailed, message)),
+        }
+    }
 }
 
-fn checked(outcome: Outcome, action: lapin::Result<bool>) -> Outcome {
-    match action {
+impl From<CpuTaskError> for Failure {
+    fn from(failure: CpuTaskError) -> Self {
+        tracing::error!(error = %failure, "image processing failed");
+        Self::Request(RequestError::new(
+            ErrorCode::Internal,
+            format!("the worker failed while processing the image: {failure}"),
+        ))
+    }
+}
+
+/// How a delivery's handling ended, before the broker is told.
+#[derive(Debug)]
+pub(super) enum Ending {
+    /// Its reply was confirmed; the reply's error code, `None` for an image.
+    ReplyConfirmed(Option<ErrorCode>),
+    /// Its reply came back unroutable.
+    ReplyUnroutable(String),
+    /// The broker refused to store its reply.
+    ReplyNacked,
+    /// Its copy waits in a delay queue for this long.
+    CopyConfirmed(u64),
+    /// The delay queue did not take its copy.
+    CopyRefused(String),
+    /// The worker cannot serve it ([`Failure::Worker`]).
+    WorkerUnavailable(&'static str),
+    /// Publishing failed because the channel or connection is gone.
+    ChannelGone(String),
+}
+
+impl Ending {
+    /// After publishing a reply whose error code is `error`.
+    pub(super) fn after_reply(published: lapin::Result<PublishOutcome>, error: Option<ErrorCode>) -> Self {
+        match published {
+            Ok(PublishOutcome::Confirmed) => Self::ReplyConfirmed(error),
+            Ok(PublishOutcome::Unroutable(why)) => Self::ReplyUnroutable(why),
+            Ok(PublishOutcome::Nacked) => Self::ReplyNacked,
+            Err(e) => Self::ChannelGone(format!("publishing the reply failed: {e}")),
+        }
+    }
+
+    /// After putting a copy in a delay queue whose messages wait `wait_ms`.
+    pub(super) fn after_deferral(copied: lapin::Result<PublishOutcome>, wait_ms: u64) -> Self {
+        match copied {
+            Ok(PublishOutcome::Confirmed) => Self::CopyConfirmed(wait_ms),
+            Ok(other) => Self::CopyRefused(format!("the delay queue did not take the request ({other:?})")),
+            Err(e) => Self::ChannelGone(format!("deferring the request failed: {e}")),
+        }
+    }
+}
+
+/// What the broker is told about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Done with it.
+    Ack,
+    /// Dead-letter it (reject without requeue).
+    DeadLetter,
+    /// Give it back to the queue.
+    Requeue,
+    /// Nothing can be said (the channel is gone); the broker redelivers it.
+    Nothing,
+}
+
+/// The table: every ending, its broker action and the outcome reported.
+fn decide(ending: Ending) -> (Action, Outcome) {
+    match ending {
+        Ending::ReplyConfirmed(error) => (Action::Ack, Outcome::Replied { error }),
+        Ending::ReplyUnroutable(why) => (
+            Action::DeadLetter,
+            Outcome::DeadLettered {
+                reason: format!("the reply could not be routed ({why})"),
+            },
+        ),
+        Ending::ReplyNacked => (
+            Action::Requeue,
+            Outcome::Requeued {
+                reason: "the broker refused the reply".to_owned(),
+            },
+        ),
+        Ending::CopyConfirmed(retry_after_ms) => (Action::Ack, Outcome::Deferred { retry_after_ms }),
+        Ending::CopyRefused(reason) => (Action::Requeue, Outcome::Requeued { reason }),
+        Ending::WorkerUnavailable(why) => (
+            Action::Requeue,
+            Outcome::Requeued {
+                reason: why.to_owned(),
+            },
+        ),
+        Ending::ChannelGone(reason) => (Action::Nothing, Outcome::Abandoned { reason }),
+    }
+}
+
+/// Tell the broker how `delivery` ended.
+pub(super) async fn settle(delivery: &Delivery, ending: Ending) -> Outcome {
+    let (action, outcome) = decide(ending);
+    let done = match action {
+        Action::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Action::DeadLetter => delivery.reject(BasicRejectOptions { requeue: false }).await,
+        Action::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+        }
+        Action::Nothing => return outcome,
+    };
+    match done {
         Ok(_) => outcome,
         Err(e) => Outcome::Abandoned {
             reason: format!("settling the request failed: {e}"),
@@ -118,9 +198,31 @@ fn checked(outcome: Outcome, action: lapin::Result<bool>) -> Outcome {
     }
 }
 
-fn requeue() -> BasicNackOptions {
-    BasicNackOptions {
-        requeue: true,
-        multiple: false,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_confirmed_replies_and_copies_are_acked() {
+        let action = |ending| decide(ending).0;
+        assert_eq!(action(Ending::ReplyConfirmed(None)), Action::Ack);
+        assert_eq!(action(Ending::ReplyConfirmed(Some(ErrorCode::InvalidImage))), Action::Ack);
+        assert_eq!(action(Ending::CopyConfirmed(1000)), Action::Ack);
+        assert_eq!(action(Ending::ReplyUnroutable("NO_ROUTE".into())), Action::DeadLetter);
+        assert_eq!(action(Ending::ReplyNacked), Action::Requeue);
+        assert_eq!(action(Ending::CopyRefused("nacked".into())), Action::Requeue);
+        assert_eq!(action(Ending::WorkerUnavailable("gone")), Action::Requeue);
+        assert_eq!(action(Ending::ChannelGone("closed".into())), Action::Nothing);
+    }
+
+    #[test]
+    fn inference_errors_are_the_request_s_unless_the_thread_is_gone() {
+        assert!(matches!(Failure::from(InferenceError::Unavailable), Failure::Worker(_)));
+        let code = |e| match Failure::from(e) {
+            Failure::Request(error) => error.code,
+            Failure::Worker(why) => panic!("a worker failure: {why}"),
+        };
+        assert_eq!(code(InferenceError::Expired(0.5)), ErrorCode::Expired);
+        assert_eq!(code(InferenceError::Failed("boom".into())), ErrorCode::InferenceFailed);
     }
 }
