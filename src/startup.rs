@@ -10,15 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
-use tokio::task::JoinSet;
+use lapin::message::Delivery;
+use lapin::Connection;
 
 use crate::amqp::connect::connect_with_retry;
 use crate::amqp::publisher::ReplyPublisher;
-use crate::amqp::topology::Topology;
+use crate::amqp::topology::{RequestQueue, Topology};
+use crate::amqp::{Consumers, SessionEnd};
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::manifest::PipelineSpec;
@@ -26,7 +24,7 @@ use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngi
 use crate::observability::{BrokerState, Observability, WorkerFacts};
 use crate::rate_limit::Limiter;
 use crate::scheduling::Schedule;
-use crate::worker::{Outcome, Services, Worker};
+use crate::worker::{Services, Worker};
 
 /// A worker process: models loaded, ready to connect.
 pub struct Application {
@@ -35,14 +33,6 @@ pub struct Application {
     services: Services,
     started: Instant,
     observability: Observability,
-}
-
-/// How one connection session ended.
-enum SessionEnd {
-    /// Shutdown was asked for and in-flight work is done.
-    Stopped,
-    /// The broker connection broke; reconnect.
-    Lost(String),
 }
 
 impl Application {
@@ -148,36 +138,23 @@ impl Application {
         Ok(())
     }
 
-    /// One connection: declare, consume, and dispatch deliveries until shutdown or connection loss.
+    /// One connection: declare the topology, open the reply publisher and the consumers, and
+    /// serve deliveries until shutdown or connection loss.
     async fn session(
         &self,
         connection: &Connection,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> anyhow::Result<SessionEnd> {
+        let topology = &self.services.topology;
         // A refused declaration (say, a queue declared elsewhere with other arguments) is a
         // configuration error, not a transient one: fail instead of retrying forever.
         let setup = async {
             let channel = connection.create_channel().await?;
-            self.services.topology.declare(&channel).await?;
-            let publisher = ReplyPublisher::open(connection, &self.services.topology.results).await?;
-            // One channel per request queue, each with its own prefetch: a backlog in one tier's
-            // queue cannot fill the worker's hands and keep another tier's requests out.
-            let mut consumers = Vec::new();
-            for queue in &self.services.topology.request_queues {
-                let channel = connection.create_channel().await?;
-                channel
-                    .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-                    .await?;
-                let consumer = channel
-                    .basic_consume(
-                        queue.name.as_str().into(),
-                        format!("kiln-{}", self.services.worker_id).into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                consumers.push((channel, consumer, Arc::new(queue.clone())));
-            }
+            topology.declare(&channel).await?;
+            let publisher = ReplyPublisher::open(connection, &topology.results).await?;
+            let tag = format!("kiln-{}", self.services.worker_id);
+            let consumers =
+                Consumers::open(connection, &topology.request_queues, self.settings.amqp.prefetch, &tag).await?;
             Ok::<_, lapin::Error>((publisher, consumers))
         };
         let (publisher, consumers) = setup.await.with_context(|| {
@@ -186,82 +163,25 @@ impl Application {
                 self.settings.amqp.topology.prefix
             )
         })?;
-        let cancels: Vec<(Channel, String)> = consumers
-            .iter()
-            .map(|(channel, consumer, _)| (channel.clone(), consumer.tag().to_string()))
-            .collect();
-        let mut deliveries =
-            futures_util::stream::select_all(consumers.into_iter().map(|(_, consumer, queue)| {
-                consumer.map(move |next| next.map(|delivery| (delivery, Arc::clone(&queue))))
-            }));
 
         let worker = Worker::new(self.services.clone(), publisher.clone());
         self.observability.health().set_broker(BrokerState::Consuming);
         tracing::info!(
             worker_id = %self.services.worker_id,
-            queues = ?self.services.topology.request_queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+            queues = ?topology.request_queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
             provider = self.provider().name(),
             models = ?self.services.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             prefetch = self.settings.amqp.prefetch,
             startup_seconds = self.started.elapsed().as_secs_f64(),
             "worker ready"
         );
-
-        let mut tasks = JoinSet::new();
-        let end = loop {
-            tokio::select! {
-                biased;
-                () = &mut *shutdown => break SessionEnd::Stopped,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_task(done),
-                next = deliveries.next() => match next {
-                    Some(Ok((delivery, queue))) => {
-                        let worker = worker.clone();
-                        tasks.spawn(async move { worker.handle(delivery, &queue).await });
-                    }
-                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                    None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
-                },
-            }
-        };
-
         let grace = Duration::from_millis(self.settings.worker.shutdown_grace_ms);
-        let drained = tokio::time::timeout(grace, async {
-            if let SessionEnd::Stopped = end {
-                tracing::info!(
-                    in_flight = tasks.len(),
-                    "shutting down: no new requests; finishing those held"
-                );
-                // After the cancel, the consumer yields what the broker already sent (prefetched but
-                // not started) and then ends. Serving those too, rather than letting them return to
-                // the queue, keeps a deploy from adding to their delivery count.
-                for (channel, tag) in &cancels {
-                    let _ = channel
-                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                        .await;
-                }
-                while let Some(Ok((delivery, queue))) = deliveries.next().await {
-                    let worker = worker.clone();
-                    tasks.spawn(async move { worker.handle(delivery, &queue).await });
-                }
-            }
-            while let Some(done) = tasks.join_next().await {
-                log_task(done);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                unfinished = tasks.len(),
-                "grace period over; unfinished requests stay unacknowledged and will be redelivered"
-            );
-            tasks.abort_all();
-        }
-        if let SessionEnd::Stopped = end {
-            // Close every channel before the caller closes the connection: a channel that is only
-            // dropped closes itself in the background and races the connection's close.
-            for (channel, _) in &cancels {
-                let _ = channel.close(200, "worker stopping".into()).await;
-            }
+        let handle = |(delivery, queue): (Delivery, Arc<RequestQueue>)| {
+            let worker = worker.clone();
+            async move { worker.handle(delivery, &queue).await }
+        };
+        let end = consumers.serve(handle, shutdown, grace).await;
+        if end == SessionEnd::Stopped {
             publisher.close().await;
         }
         Ok(end)
@@ -296,11 +216,5 @@ fn engine_options(
         class_weights: schedule.weights(),
         batch_limits,
         default_batch_limits: settings.batching.limits("", gpu),
-    }
-}
-
-fn log_task(done: Result<Outcome, tokio::task::JoinError>) {
-    if let Err(e) = done {
-        tracing::error!(error = %e, "a delivery task panicked; its request will be redelivered");
     }
 }

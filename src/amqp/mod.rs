@@ -1,11 +1,14 @@
-//! The broker side: connecting with backoff, the queue and exchange topology, confirmed replies.
+//! The broker side: connecting with backoff, the queue and exchange topology, consuming the request
+//! queues, confirmed replies.
 
 pub mod connect;
+pub mod consume;
 pub mod publisher;
 pub mod reply_queue;
 pub mod topology;
 
 pub use connect::connect_with_retry;
+pub use consume::{Consumers, SessionEnd};
 pub use publisher::{OutgoingReply, PublishOutcome, ReplyPublisher, ReplyRoute, REPLY_HEADER, STATUS_HEADER};
 pub use reply_queue::private_reply_queue;
 pub use topology::Topology;
