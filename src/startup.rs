@@ -19,7 +19,6 @@ use crate::amqp::topology::{RequestQueue, Topology};
 use crate::amqp::{Consumers, SessionEnd};
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
-use crate::inference::manifest::PipelineSpec;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
 use crate::observability::{BrokerState, Observability, WorkerFacts};
 use crate::rate_limit::Limiter;
@@ -199,10 +198,10 @@ fn engine_options(
     let batch_limits = registry
         .iter()
         .map(|manifest| {
-            let limits = match manifest.pipeline {
-                PipelineSpec::StyleBank(_) => settings.batching.limits(&manifest.name, gpu),
-                // Its two networks take one sample at a time: nothing to wait for.
-                PipelineSpec::ArbitraryStyle(_) => BatchLimits {
+            let limits = match manifest.pipeline.pipeline().batches() {
+                true => settings.batching.limits(&manifest.name, gpu),
+                // Its runs take one sample at a time: nothing to wait for.
+                false => BatchLimits {
                     max_batch_size: 1,
                     max_queue_delay: Duration::ZERO,
                 },

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use super::pipeline::Pipeline;
 use crate::imaging::{DecodeLimits, Layout, ValueRange};
 
 /// One model, as described by its manifest.
@@ -46,6 +47,16 @@ pub enum PipelineSpec {
     StyleBank(StyleBankSpec),
     /// A style-prediction network plus a transform network: any picture is a style.
     ArbitraryStyle(ArbitraryStyleSpec),
+}
+
+impl PipelineSpec {
+    /// The kind's implementation: the one place a kind's name meets its code.
+    pub fn pipeline(&self) -> &dyn Pipeline {
+        match self {
+            Self::StyleBank(spec) => spec,
+            Self::ArbitraryStyle(spec) => spec,
+        }
+    }
 }
 
 /// See [`PipelineSpec::StyleBank`].

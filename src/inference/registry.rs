@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::manifest::{Manifest, PipelineSpec};
-use super::{arbitrary_style, style_bank, Prepared};
+use super::manifest::Manifest;
+use super::output_size::request_output_size;
+use super::pipeline::Prepared;
 use crate::configuration::{BatchingSettings, ModelSettings};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 
@@ -78,10 +79,7 @@ impl ModelRegistry {
     /// headers, output size). Returns the output's pixel count, which its cost is computed from.
     pub fn check(&self, request: &GenerationRequest) -> Result<u64, RequestError> {
         let manifest = self.get(&request.model)?;
-        match &manifest.pipeline {
-            PipelineSpec::StyleBank(spec) => style_bank::check(manifest, spec, request).map(drop)?,
-            PipelineSpec::ArbitraryStyle(_) => arbitrary_style::check(manifest, request).map(drop)?,
-        }
+        manifest.pipeline.pipeline().check(manifest, request)?;
         let (w, h) = self.output_size(request)?;
         Ok(u64::from(w) * u64::from(h))
     }
@@ -90,17 +88,14 @@ impl ModelRegistry {
     pub fn output_size(&self, request: &GenerationRequest) -> Result<(u32, u32), RequestError> {
         let limits = &self.get(&request.model)?.limits;
         let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
-        super::request_output_size(limits, request, dims)
+        request_output_size(limits, request, dims)
     }
 
     /// Decode and check a request's inputs against its model, and lay them out for the network.
     /// CPU-bound: call from a blocking thread.
     pub fn prepare(&self, request: &GenerationRequest) -> Result<Prepared, RequestError> {
         let manifest = self.get(&request.model)?;
-        match &manifest.pipeline {
-            PipelineSpec::StyleBank(spec) => style_bank::prepare(manifest, spec, request),
-            PipelineSpec::ArbitraryStyle(spec) => arbitrary_style::prepare(manifest, spec, request),
-        }
+        manifest.pipeline.pipeline().prepare(manifest, request)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::configuration::{
     ArenaExtendStrategy, ConvAlgorithmSearch, ExecutionProviderKind, Fallback, InferenceSettings, ORT_VERSION,
 };
 
-use super::style_bank::TensorIo;
+use super::tensor_io::TensorIo;
 
 /// Why inference could not start. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -231,4 +231,21 @@ impl Runtime {
             .map(drop)
             .map_err(|e| e.to_string())
     }
+}
+
+/// Check that a session has the inputs and outputs a manifest names.
+pub(super) fn check_names(session: &ort::session::Session, inputs: &[&str], outputs: &[&str]) -> anyhow::Result<()> {
+    for name in inputs {
+        if !session.inputs().iter().any(|i| i.name() == *name) {
+            let have: Vec<_> = session.inputs().iter().map(|i| i.name().to_owned()).collect();
+            anyhow::bail!("the model has no input {name:?} (it has {have:?})");
+        }
+    }
+    for name in outputs {
+        if !session.outputs().iter().any(|o| o.name() == *name) {
+            let have: Vec<_> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+            anyhow::bail!("the model has no output {name:?} (it has {have:?})");
+        }
+    }
+    Ok(())
 }

@@ -10,10 +10,13 @@ use image::RgbImage;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use super::manifest::{ArbitraryStyleSpec, Manifest};
-use super::{request_output_size, Finish, ModelInput, Prepared};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 use crate::imaging::{centre_square, decode_rgb, fit_long_side, resize_rgb, tensor, Layout, ValueRange};
+use crate::inference::finish::Finish;
+use crate::inference::manifest::{ArbitraryStyleSpec, Manifest};
+use crate::inference::output_size::request_output_size;
+use crate::inference::pipeline::{inputs_of, ModelInput, Pipeline, Prepared, Runner};
+use crate::inference::runtime::{check_names, Runtime};
 
 /// One request, ready for the two networks.
 #[derive(Debug)]
@@ -28,12 +31,40 @@ pub struct ArbitraryStyleInput {
     pub strength: f32,
 }
 
+impl Pipeline for ArbitraryStyleSpec {
+    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(), RequestError> {
+        check(manifest, request).map(drop)
+    }
+
+    fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+        prepare(manifest, self, request)
+    }
+
+    fn load(&self, manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Box<dyn Runner>> {
+        let predict = runtime.session(&manifest.dir.join(&self.predict_file))?;
+        let transform = runtime.session(&manifest.dir.join(&self.transform_file))?;
+        Ok(Box::new(ArbitraryStyleRunner::new(predict, transform, self.clone())?))
+    }
+
+    /// Its predictor and transform take one sample each: nothing to wait for.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    fn warmup_input(&self, _manifest: &Manifest) -> ModelInput {
+        let side = self.content_size;
+        let input = ArbitraryStyleInput {
+            content: vec![0.5; 3 * (side as usize).pow(2)],
+            style: vec![0.5; 3 * (self.style_size as usize).pow(2)],
+            own_style: None,
+            strength: 1.0,
+        };
+        ModelInput::new((side, side), input)
+    }
+}
+
 /// Decode, check, resize and lay out one request for an arbitrary-style model.
-pub fn prepare(
-    manifest: &Manifest,
-    spec: &ArbitraryStyleSpec,
-    request: &GenerationRequest,
-) -> Result<Prepared, RequestError> {
+fn prepare(manifest: &Manifest, spec: &ArbitraryStyleSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
     let params = &request.params;
     let style_bytes = check(manifest, request)?;
     let limits = &manifest.limits;
@@ -50,12 +81,15 @@ pub fn prepare(
     };
     let strength = params.strength.unwrap_or(1.0);
     Ok(Prepared {
-        input: ModelInput::ArbitraryStyle(ArbitraryStyleInput {
-            content,
-            style: style_square(&style_image),
-            own_style: (strength < 1.0).then(|| style_square(&photo)),
-            strength,
-        }),
+        input: ModelInput::new(
+            (side, side),
+            ArbitraryStyleInput {
+                content,
+                style: style_square(&style_image),
+                own_style: (strength < 1.0).then(|| style_square(&photo)),
+                strength,
+            },
+        ),
         finish: Finish {
             tensor_width: side,
             tensor_height: side,
@@ -70,7 +104,7 @@ pub fn prepare(
 
 /// The checks that need no decoding: the parameters this model takes, a style image whose header
 /// passes the limits. Returns the style image's bytes.
-pub fn check<'r>(manifest: &Manifest, request: &'r GenerationRequest) -> Result<&'r [u8], RequestError> {
+fn check<'r>(manifest: &Manifest, request: &'r GenerationRequest) -> Result<&'r [u8], RequestError> {
     if request.params.style.is_some() {
         return Err(RequestError::new(
             ErrorCode::InvalidParams,
@@ -100,11 +134,21 @@ pub struct ArbitraryStyleRunner {
     spec: ArbitraryStyleSpec,
 }
 
+impl Runner for ArbitraryStyleRunner {
+    /// The batch runs one by one (batches of one unless `batching` says otherwise).
+    fn run(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<f32>>, String> {
+        inputs_of::<ArbitraryStyleInput>(inputs)?
+            .into_iter()
+            .map(|input| ArbitraryStyleRunner::run(self, input))
+            .collect()
+    }
+}
+
 impl ArbitraryStyleRunner {
     /// Wrap the two sessions, checking they have the tensors the manifest names.
     pub fn new(predict: Session, transform: Session, spec: ArbitraryStyleSpec) -> anyhow::Result<Self> {
-        super::check_names(&predict, &[&spec.predict_input], &[&spec.predict_output])?;
-        super::check_names(
+        check_names(&predict, &[&spec.predict_input], &[&spec.predict_output])?;
+        check_names(
             &transform,
             &[&spec.transform_image_input, &spec.transform_style_input],
             &[&spec.transform_output],

@@ -4,14 +4,17 @@
 //! Pre-processing and post-processing run on blocking threads; only [`StyleBankRunner::run`] runs
 //! on the inference thread.
 
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session};
-use ort::value::{Tensor, TensorRef};
+use ort::value::TensorRef;
 
-use super::manifest::{Manifest, StyleBankSpec};
-use super::{request_output_size, Finish, ModelInput, Prepared};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError, StyleChoice};
 use crate::imaging::{decode_rgb, resize_rgb, tensor};
+use crate::inference::finish::Finish;
+use crate::inference::manifest::{Manifest, StyleBankSpec};
+use crate::inference::output_size::request_output_size;
+use crate::inference::pipeline::{inputs_of, ModelInput, Pipeline, Prepared, Runner};
+use crate::inference::runtime::{check_names, Runtime};
+use crate::inference::tensor_io::{BoundIo, TensorIo};
 
 /// One sample, ready for the network.
 #[derive(Debug)]
@@ -26,12 +29,44 @@ pub struct StyleBankInput {
     pub height: u32,
 }
 
+impl Pipeline for StyleBankSpec {
+    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(), RequestError> {
+        check(manifest, self, request).map(drop)
+    }
+
+    fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+        prepare(manifest, self, request)
+    }
+
+    fn load(&self, manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Box<dyn Runner>> {
+        let session = runtime.session(&manifest.dir.join(&self.file))?;
+        Ok(Box::new(StyleBankRunner::new(session, self.clone(), runtime.tensor_io())?))
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    fn warmup_input(&self, manifest: &Manifest) -> ModelInput {
+        let side = manifest
+            .limits
+            .min_side
+            .max(64)
+            .next_multiple_of(manifest.limits.multiple_of);
+        let mut weights = vec![0.0; self.styles];
+        weights[0] = 1.0;
+        let input = StyleBankInput {
+            image: vec![0.5; 3 * side as usize * side as usize],
+            weights,
+            width: side,
+            height: side,
+        };
+        ModelInput::new((side, side), input)
+    }
+}
+
 /// Decode, check, resize and lay out one request for a style bank model.
-pub fn prepare(
-    manifest: &Manifest,
-    spec: &StyleBankSpec,
-    request: &GenerationRequest,
-) -> Result<Prepared, RequestError> {
+fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
     let weights = check(manifest, spec, request)?;
     let params = &request.params;
     let limits = &manifest.limits;
@@ -48,12 +83,15 @@ pub fn prepare(
 
     let strength = params.strength.unwrap_or(1.0);
     Ok(Prepared {
-        input: ModelInput::StyleBank(StyleBankInput {
-            image,
-            weights,
-            width: tensor_w,
-            height: tensor_h,
-        }),
+        input: ModelInput::new(
+            (tensor_w, tensor_h),
+            StyleBankInput {
+                image,
+                weights,
+                width: tensor_w,
+                height: tensor_h,
+            },
+        ),
         finish: Finish {
             tensor_width: tensor_w,
             tensor_height: tensor_h,
@@ -68,7 +106,7 @@ pub fn prepare(
 
 /// The checks that need no decoding: parameters this model takes, a valid style. Returns the
 /// style weights.
-pub fn check(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Vec<f32>, RequestError> {
+fn check(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationRequest) -> Result<Vec<f32>, RequestError> {
     if request.params.style_image.is_some() {
         return Err(RequestError::new(
             ErrorCode::InvalidParams,
@@ -115,22 +153,6 @@ fn style_weights(choice: Option<&StyleChoice>, styles: usize) -> Result<Vec<f32>
     Ok(weights.into_iter().map(|w| (w / total) as f32).collect())
 }
 
-/// How a runner hands its tensors to ONNX Runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TensorIo {
-    /// `session.run` on views of buffers kiln allocated: no extra copy on CPU; with CUDA, ONNX
-    /// Runtime copies them to the device from pageable memory (staged, synchronous).
-    #[default]
-    Views,
-    /// An `IoBinding` with the batch written straight into tensors ONNX Runtime allocated, and the
-    /// output bound to the same memory: page-locked host memory of GPU `pinned` (`CudaPinned`, which
-    /// the GPU reads and writes by DMA), or ONNX Runtime's CPU allocator when `pinned` is `None`.
-    Bound {
-        /// The CUDA device whose pinned host memory holds the tensors.
-        pinned: Option<i32>,
-    },
-}
-
 /// Owns the session of a style bank model, on the inference thread.
 pub struct StyleBankRunner {
     session: Session,
@@ -138,62 +160,16 @@ pub struct StyleBankRunner {
     bound: Option<BoundIo>,
 }
 
-/// The memory of [`TensorIo::Bound`]: an allocator for input tensors, and where outputs go.
-pub struct BoundIo {
-    allocator: Allocator,
-    output: MemoryInfo<'static>,
-}
-
-impl BoundIo {
-    /// Pinned host memory of CUDA device `pinned` (the session must run on CUDA), or ONNX
-    /// Runtime's CPU allocator when `None`.
-    pub fn new(session: &Session, pinned: Option<i32>) -> ort::Result<Self> {
-        let (input, output) = match pinned {
-            Some(device) => (
-                MemoryInfo::new(
-                    AllocationDevice::CUDA_PINNED,
-                    device,
-                    AllocatorType::Device,
-                    MemoryType::CPUInput,
-                )?,
-                MemoryInfo::new(
-                    AllocationDevice::CUDA_PINNED,
-                    device,
-                    AllocatorType::Device,
-                    MemoryType::CPUOutput,
-                )?,
-            ),
-            None => (
-                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)?,
-                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)?,
-            ),
-        };
-        Ok(Self {
-            allocator: Allocator::new(session, input)?,
-            output,
-        })
-    }
-
-    /// Where to bind outputs (`IoBinding::bind_output_to_device`).
-    pub fn output(&self) -> &MemoryInfo<'static> {
-        &self.output
-    }
-
-    /// A tensor of `shape` from the allocator, filled with the samples (each `shape[1..]`) in order.
-    pub fn tensor<'s>(&self, shape: &[usize], samples: impl Iterator<Item = &'s [f32]>) -> ort::Result<Tensor<f32>> {
-        let mut tensor = Tensor::<f32>::new(&self.allocator, shape.to_vec())?;
-        let (_, data) = tensor.extract_tensor_mut();
-        for (chunk, sample) in data.chunks_exact_mut(shape[1..].iter().product()).zip(samples) {
-            chunk.copy_from_slice(sample);
-        }
-        Ok(tensor)
+impl Runner for StyleBankRunner {
+    fn run(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<f32>>, String> {
+        StyleBankRunner::run(self, &inputs_of::<StyleBankInput>(inputs)?)
     }
 }
 
 impl StyleBankRunner {
     /// Wrap a session built from the manifest's file, checking it has the tensors the manifest names.
     pub fn new(session: Session, spec: StyleBankSpec, io: TensorIo) -> anyhow::Result<Self> {
-        super::check_names(&session, &[&spec.image_input, &spec.weights_input], &[&spec.output])?;
+        check_names(&session, &[&spec.image_input, &spec.weights_input], &[&spec.output])?;
         let bound = match io {
             TensorIo::Views => None,
             TensorIo::Bound { pinned } => Some(BoundIo::new(&session, pinned).map_err(|e| match pinned {
