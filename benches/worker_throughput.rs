@@ -34,7 +34,7 @@ use kiln::domain::{ReplyStatus, RequestDocument, WireImage, WireParams, WireStyl
 use kiln::imaging::{Layout, ValueRange};
 use kiln::inference::style_bank::{BoundIo, TensorIo};
 use kiln::inference::{ActiveProvider, Runtime};
-use kiln::submit::Producer;
+use kiln::submit::{new_request, Producer};
 use ort::value::TensorRef;
 
 struct Args {
@@ -347,19 +347,12 @@ struct WorkerRun {
 /// End-to-end: publish `count` requests at once, time from the first publish to the last reply.
 async fn worker_images_per_second(producer: &mut Producer, photo: &[u8], count: usize) -> WorkerRun {
     let requests: Vec<RequestDocument> = (0..count)
-        .map(|i| RequestDocument {
-            version: CONTRACT_VERSION,
-            request_id: uuid::Uuid::new_v4().to_string(),
-            user_id: "bench".into(),
-            model: "multistyle26".into(),
-            params: WireParams {
+        .map(|i| {
+            let params = WireParams {
                 style: Some(WireStyle::Index((7 + i as i64) % 26)),
                 ..Default::default()
-            },
-            image: WireImage::from_bytes(photo),
-            deadline: None,
-            created_at: None,
-            tier: None,
+            };
+            new_request("bench", "multistyle26", params, photo)
         })
         .collect();
     let request_bytes = serde_json::to_vec(&requests[0]).unwrap().len();

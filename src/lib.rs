@@ -34,14 +34,12 @@
 //! - [`submit`]: the producer side of `kiln submit`.
 
 pub mod amqp;
-pub mod cli;
 pub mod configuration;
 pub mod cpu_pool;
 pub mod domain;
 pub mod gpu;
 pub mod imaging;
 pub mod inference;
-pub mod loadgen;
 pub mod metrics;
 pub mod observability;
 pub mod rate_limit;

@@ -1,12 +1,13 @@
-//! The `kiln` binary: telemetry, settings, then the subcommand (see [`kiln::cli`]).
+//! The `kiln` binary: telemetry, settings, then the subcommand (see [`cli`]).
+
+mod cli;
 
 use clap::Parser;
-use kiln::cli::Cli;
 use kiln::configuration::Settings;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {
@@ -15,7 +16,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     kiln::telemetry::init(&settings.telemetry);
-    match kiln::cli::run(cli, settings).await {
+    match cli::run(cli, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "kiln failed");

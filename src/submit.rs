@@ -1,21 +1,25 @@
-//! The producer side: send requests and wait for replies, RPC style (`kiln submit`, tests, benchmarks).
+//! The producer client: send requests and read their replies (`kiln submit`, `kiln bench`, tests,
+//! benchmarks).
 //!
 //! A [`Producer`] owns an exclusive, server-named reply queue. Each request carries `reply_to` (that
 //! queue) and `correlation_id` (the request id), and is published with publisher confirms and
 //! `mandatory`, so a missing request queue is an error here rather than a silent drop.
+//!
+//! One task can send and wait in turn ([`Producer::request`], [`Producer::request_many`]), or a
+//! producer can be [split](Producer::split) into a [`Sender`] that any number of tasks clone and a
+//! [`Replies`] stream that one reader task owns (`kiln bench`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::amqp::publisher::REPLY_HEADER;
-use crate::domain::{ReplyDocument, RequestDocument, WireStyle};
+use crate::domain::{ReplyDocument, RequestDocument, WireImage, WireParams, CONTRACT_VERSION};
 
 /// A reply as a producer receives it.
 #[derive(Debug)]
@@ -32,21 +36,65 @@ pub struct Reply {
     pub received_at: std::time::Instant,
 }
 
+/// A new request document for `user_id`: a fresh request id, created now, no deadline, no tier.
+pub fn new_request(user_id: &str, model: &str, params: WireParams, image: &[u8]) -> RequestDocument {
+    RequestDocument {
+        version: CONTRACT_VERSION,
+        request_id: uuid::Uuid::new_v4().to_string(),
+        user_id: user_id.to_owned(),
+        model: model.to_owned(),
+        params,
+        image: WireImage::from_bytes(image),
+        deadline: None,
+        created_at: Some(rfc3339(time::OffsetDateTime::now_utc())),
+        tier: None,
+    }
+}
+
+/// A time as the contract writes it (RFC 3339).
+pub fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formats any UTC time")
+}
+
 /// Sends requests and receives their replies on a private queue.
 pub struct Producer {
     connection: Connection,
+    sender: Sender,
+    replies: Replies,
+}
+
+/// The publishing half of a [`Producer`]: cheap to clone, usable from many tasks at once.
+#[derive(Clone)]
+pub struct Sender {
     channel: Channel,
-    replies: Consumer,
     reply_queue: String,
     requests_queue: String,
+}
+
+/// The receiving half of a [`Producer`]: every reply to its requests, in arrival order.
+pub struct Replies {
+    consumer: Consumer,
+}
+
+/// What closes a [split](Producer::split) producer once its reader is done.
+pub struct Closer {
+    connection: Connection,
+    channel: Channel,
+    consumer_tag: ShortString,
 }
 
 impl Producer {
     /// Connect, and declare a private reply queue. Requests go to `requests_queue`.
     pub async fn connect(url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
+        Self::connect_as("kiln producer", url, requests_queue).await
+    }
+
+    /// [`Producer::connect`], with the connection named `name` on the broker.
+    pub async fn connect_as(name: &str, url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
         let connection = Connection::connect(
             url.expose_secret(),
-            ConnectionProperties::default().with_connection_name("kiln producer".into()),
+            ConnectionProperties::default().with_connection_name(name.into()),
         )
         .await
         .with_context(|| {
@@ -57,80 +105,36 @@ impl Producer {
         })?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        let (reply_queue, replies) = crate::amqp::private_reply_queue(&channel).await?;
+        let (reply_queue, consumer) = crate::amqp::private_reply_queue(&channel).await?;
         Ok(Self {
             connection,
-            channel,
-            replies,
-            reply_queue,
-            requests_queue: requests_queue.to_owned(),
+            sender: Sender {
+                channel,
+                reply_queue,
+                requests_queue: requests_queue.to_owned(),
+            },
+            replies: Replies { consumer },
         })
+    }
+
+    /// The publishing half.
+    pub fn sender(&self) -> &Sender {
+        &self.sender
     }
 
     /// Publish a request (persistent, confirmed); its reply comes back to this producer.
     pub async fn send(&self, request: &RequestDocument) -> anyhow::Result<()> {
-        self.send_raw(&serde_json::to_vec(request)?, &request.request_id).await
+        self.sender.send(request).await
     }
 
-    /// Publish any body as a request (for producers with their own encoder, and for tests of what
-    /// workers do with bad input), with `correlation_id` to match its reply.
+    /// See [`Sender::send_raw`].
     pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_reply_to(self.reply_queue.as_str().into())
-            .with_correlation_id(correlation_id.into())
-            .with_timestamp(now);
-        let confirmation = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.requests_queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
-        match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => bail!(
-                "no queue named {:?}: is a worker running with this topology prefix?",
-                self.requests_queue
-            ),
-            Confirmation::Nack(_) => bail!("the broker refused the request"),
-        }
+        self.sender.send_raw(body, correlation_id).await
     }
 
     /// The next reply, whichever request it answers.
     pub async fn next_reply(&mut self, timeout: Duration) -> anyhow::Result<Reply> {
-        let delivery = tokio::time::timeout(timeout, self.replies.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("no reply within {timeout:?}"))?
-            .context("the reply consumer ended")??;
-        let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let header = headers
-            .inner()
-            .get(REPLY_HEADER)
-            .cloned()
-            .context("a reply without the kiln-reply header")?;
-        let AMQPValue::LongString(json) = header else {
-            bail!("the kiln-reply header is not a string");
-        };
-        Ok(Reply {
-            document: serde_json::from_slice(json.as_bytes())
-                .context("the kiln-reply header is not a reply document")?,
-            body: delivery.data,
-            correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
-            headers,
-            received_at: std::time::Instant::now(),
-        })
+        self.replies.next(timeout).await
     }
 
     /// Send a request and wait for its reply (replies to other requests are skipped).
@@ -185,51 +189,126 @@ impl Producer {
         }
     }
 
+    /// The two halves, for senders and a reader on tasks of their own, and what closes them after.
+    pub fn split(self) -> (Sender, Replies, Closer) {
+        let closer = Closer {
+            connection: self.connection,
+            channel: self.sender.channel.clone(),
+            consumer_tag: self.replies.consumer.tag(),
+        };
+        (self.sender, self.replies, closer)
+    }
+
     /// Close the connection (the reply queue goes with it).
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
 }
 
-/// Parse a style as the CLI takes it: `7`, or a blend `3:0.5,12:0.5`.
-pub fn parse_style(spec: &str) -> anyhow::Result<WireStyle> {
-    if let Ok(index) = spec.trim().parse::<i64>() {
-        return Ok(WireStyle::Index(index));
+impl Sender {
+    /// Publish a request to the producer's request queue (persistent, confirmed).
+    pub async fn send(&self, request: &RequestDocument) -> anyhow::Result<()> {
+        self.send_raw(&serde_json::to_vec(request)?, &request.request_id).await
     }
-    let mut blend = BTreeMap::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (index, weight) = part
-            .split_once(':')
-            .with_context(|| format!("bad style {spec:?}; use 7 or 3:0.5,12:0.5"))?;
-        let index: u32 = index
-            .trim()
-            .parse()
-            .with_context(|| format!("bad style index {index:?}"))?;
-        let weight: f64 = weight
-            .trim()
-            .parse()
-            .with_context(|| format!("bad style weight {weight:?}"))?;
-        *blend.entry(index.to_string()).or_insert(0.0) += weight;
+
+    /// Publish a request to another queue (a tier's), like [`Sender::send`].
+    pub async fn send_to(&self, queue: &str, request: &RequestDocument) -> anyhow::Result<()> {
+        self.publish(queue, &serde_json::to_vec(request)?, &request.request_id)
+            .await
     }
-    if blend.is_empty() {
-        bail!("empty style {spec:?}");
+
+    /// Publish any body as a request (for producers with their own encoder, and for tests of what
+    /// workers do with bad input), with `correlation_id` to match its reply.
+    pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
+        self.publish(&self.requests_queue, body, correlation_id).await
     }
-    Ok(WireStyle::Blend(blend))
+
+    /// The channel it publishes on (to declare a topology on, say).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    async fn publish(&self, queue: &str, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_correlation_id(correlation_id.into())
+            .with_timestamp(now);
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => {
+                bail!("no queue named {queue:?}: is a worker running with this topology prefix?")
+            }
+            Confirmation::Nack(_) => bail!("the broker refused the request"),
+        }
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn styles_from_the_command_line() {
-        assert_eq!(parse_style("7").unwrap(), WireStyle::Index(7));
-        let WireStyle::Blend(b) = parse_style("3:0.5, 12:0.25").unwrap() else {
-            panic!()
+impl Replies {
+    /// The next reply, or `None` once the consumer has ended (the producer closed). An `Err` is a
+    /// failed consumer or a delivery that is not a kiln reply.
+    pub async fn recv(&mut self) -> Option<anyhow::Result<Reply>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e.into())),
         };
-        assert_eq!(b.get("3"), Some(&0.5));
-        assert_eq!(b.get("12"), Some(&0.25));
-        assert!(parse_style("x").is_err());
-        assert!(parse_style("3:x").is_err());
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let document = match headers.inner().get(REPLY_HEADER) {
+            None => Err(anyhow::anyhow!("a reply without the kiln-reply header")),
+            Some(AMQPValue::LongString(json)) => {
+                serde_json::from_slice(json.as_bytes()).context("the kiln-reply header is not a reply document")
+            }
+            Some(_) => Err(anyhow::anyhow!("the kiln-reply header is not a string")),
+        };
+        Some(document.map(|document| Reply {
+            document,
+            body: delivery.data,
+            correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
+            headers,
+            received_at: std::time::Instant::now(),
+        }))
+    }
+
+    /// The next reply, whichever request it answers, within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Reply> {
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no reply within {timeout:?}"))?
+            .context("the reply consumer ended")?
+    }
+}
+
+impl Closer {
+    /// Cancel the reply consumer and give `reader` (the task reading [`Replies`]) 5 s to see the
+    /// stream end, then close the channel, then the connection: each closed under an open child
+    /// races the child's own close (lapin logs it).
+    pub async fn close(self, mut reader: tokio::task::JoinHandle<()>) {
+        let _ = self
+            .channel
+            .basic_cancel(self.consumer_tag, BasicCancelOptions::default())
+            .await;
+        if tokio::time::timeout(Duration::from_secs(5), &mut reader).await.is_err() {
+            reader.abort();
+        }
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
     }
 }

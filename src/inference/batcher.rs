@@ -188,10 +188,6 @@ impl<J: Batchable> Batcher<J> {
 }
 
 #[cfg(test)]
-#[path = "batcher_simulation.rs"]
-mod simulation;
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

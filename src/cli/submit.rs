@@ -1,0 +1,141 @@
+//! `kiln submit`: one photo to the workers, the PNG they send back to a file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use kiln::amqp::Topology;
+use kiln::configuration::Settings;
+use kiln::domain::{ReplyStatus, WireImage, WireParams, WireStyle};
+use kiln::submit::{new_request, rfc3339, Producer};
+
+/// `kiln submit` arguments.
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The photo (JPEG, PNG or WebP).
+    pub image: PathBuf,
+    /// Model name.
+    #[arg(long, default_value = "multistyle26")]
+    pub model: String,
+    /// Built-in style: an index (7) or a blend (3:0.5,12:0.5).
+    #[arg(long)]
+    pub style: Option<String>,
+    /// A picture to use as the style (model arbitrary-style).
+    #[arg(long)]
+    pub style_image: Option<PathBuf>,
+    /// How strongly the style is applied, 0 to 1.
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Longer side of the output, in pixels.
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Give up (reply `expired`) if rendering has not started this many seconds from now.
+    #[arg(long)]
+    pub deadline_secs: Option<u64>,
+    /// User id to send.
+    #[arg(long, default_value = "cli-user")]
+    pub user: String,
+    /// Send to this tier's request queue (`<prefix>.requests.<tier>`) instead of the shared one.
+    #[arg(long)]
+    pub tier: Option<String>,
+    /// Where to write the PNG (default: next to the photo, `<name>.kiln.png`).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// How long to wait for the reply, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+/// Send the photo, wait for the reply, write the PNG and print its path.
+pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let params = WireParams {
+        style: args.style.as_deref().map(parse_style).transpose()?,
+        style_image: args
+            .style_image
+            .as_deref()
+            .map(read)
+            .transpose()?
+            .map(|b| WireImage::from_bytes(&b)),
+        strength: args.strength,
+        size: args.size,
+    };
+    let mut request = new_request(&args.user, &args.model, params, &read(&args.image)?);
+    request.deadline = args
+        .deadline_secs
+        .map(|s| rfc3339(time::OffsetDateTime::now_utc() + Duration::from_secs(s)));
+    let topology = Topology::new(&settings.amqp.topology);
+    let queue = match &args.tier {
+        Some(tier) => topology.tier_queue(tier),
+        None => topology.requests,
+    };
+    let mut producer = Producer::connect(&settings.amqp.url, &queue).await?;
+    let reply = producer.request(&request, Duration::from_secs(args.timeout_secs)).await;
+    producer.close().await;
+    let reply = reply?;
+    let doc = &reply.document;
+    if doc.status == ReplyStatus::Error {
+        let error = doc.error.as_ref().context("an error reply without an error")?;
+        bail!("the worker answered {}: {}", error.code, error.message);
+    }
+    let out = args.out.unwrap_or_else(|| args.image.with_extension("kiln.png"));
+    std::fs::write(&out, &reply.body).with_context(|| format!("cannot write {}", out.display()))?;
+    let image = doc.image.as_ref().context("an ok reply without an image")?;
+    let t = &doc.timings_ms;
+    eprintln!(
+        "{}x{} PNG from {} ({}): inference {:.0} ms, total {:.0} ms in the worker",
+        image.width,
+        image.height,
+        doc.worker_id,
+        doc.model.as_deref().unwrap_or("?"),
+        t.inference,
+        t.total
+    );
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Parse a style as the CLI takes it: `7`, or a blend `3:0.5,12:0.5`.
+fn parse_style(spec: &str) -> anyhow::Result<WireStyle> {
+    if let Ok(index) = spec.trim().parse::<i64>() {
+        return Ok(WireStyle::Index(index));
+    }
+    let mut blend = BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (index, weight) = part
+            .split_once(':')
+            .with_context(|| format!("bad style {spec:?}; use 7 or 3:0.5,12:0.5"))?;
+        let index: u32 = index
+            .trim()
+            .parse()
+            .with_context(|| format!("bad style index {index:?}"))?;
+        let weight: f64 = weight
+            .trim()
+            .parse()
+            .with_context(|| format!("bad style weight {weight:?}"))?;
+        *blend.entry(index.to_string()).or_insert(0.0) += weight;
+    }
+    if blend.is_empty() {
+        bail!("empty style {spec:?}");
+    }
+    Ok(WireStyle::Blend(blend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn styles_from_the_command_line() {
+        assert_eq!(parse_style("7").unwrap(), WireStyle::Index(7));
+        let WireStyle::Blend(b) = parse_style("3:0.5, 12:0.25").unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.get("3"), Some(&0.5));
+        assert_eq!(b.get("12"), Some(&0.25));
+        assert!(parse_style("x").is_err());
+        assert!(parse_style("3:x").is_err());
+    }
+}
