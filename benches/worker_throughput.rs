@@ -32,7 +32,7 @@ use kiln::amqp::Topology;
 use kiln::configuration::Settings;
 use kiln::domain::{ReplyStatus, RequestDocument, WireImage, WireParams, WireStyle, CONTRACT_VERSION};
 use kiln::imaging::{Layout, ValueRange};
-use kiln::inference::style_bank::{BoundIo, TensorIo};
+use kiln::inference::tensor_io::{BoundIo, TensorIo};
 use kiln::inference::{ActiveProvider, Runtime};
 use kiln::submit::{new_request, Producer};
 use ort::value::TensorRef;
@@ -515,7 +515,7 @@ impl Worker {
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
-        let topology = Topology::for_settings(&self.settings);
+        let topology = self.settings.topology();
         rt.block_on(async {
             if let Ok(c) = lapin::Connection::connect(
                 secrecy::ExposeSecret::expose_secret(&self.settings.amqp.url),

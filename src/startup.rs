@@ -15,12 +15,12 @@ use lapin::Connection;
 
 use crate::amqp::connect::connect_with_retry;
 use crate::amqp::publisher::ReplyPublisher;
-use crate::amqp::topology::{RequestQueue, Topology};
+use crate::amqp::topology::RequestQueue;
 use crate::amqp::{Consumers, SessionEnd};
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
-use crate::observability::{BrokerState, Observability, WorkerFacts};
+use crate::observability::{BrokerState, Observability, ObservabilitySettings, WorkerFacts};
 use crate::rate_limit::Limiter;
 use crate::scheduling::Schedule;
 use crate::worker::{Services, Worker};
@@ -38,8 +38,7 @@ impl Application {
     /// Load the runtime and every enabled model (warming them up). Does not touch the broker.
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
         let started = Instant::now();
-        // Settings errors first: they are the cheapest to find and the most common.
-        settings.rate_limit.validate().context("invalid rate_limit settings")?;
+        // Settings were validated when loaded (`Settings::load`); the schedule checks itself.
         let tiers: Vec<&str> = settings.rate_limit.tiers.keys().map(String::as_str).collect();
         let schedule = Arc::new(
             Schedule::new(&settings.scheduling, &tiers, &settings.rate_limit.default_tier)
@@ -59,20 +58,26 @@ impl Application {
             inference: engine.handle(),
             cpu,
             limiter,
-            topology: Arc::new(Topology::for_settings(&settings)),
+            topology: Arc::new(settings.topology()),
             schedule,
             worker_id: settings.worker.resolved_id().into(),
             limits: settings.limits.clone(),
             faults: settings.faults.clone(),
         };
         let observability = Observability::build(
-            &settings,
+            ObservabilitySettings {
+                http: &settings.http,
+                heartbeat: &settings.heartbeat,
+                gpu: &settings.gpu,
+            },
             WorkerFacts {
                 worker_id: &services.worker_id,
                 models: services.registry.iter().map(|m| m.name.clone()).collect(),
                 provider: engine.handle().provider(),
                 limiter: services.limiter.clone(),
                 topology: &services.topology,
+                broker_url: &settings.amqp.url,
+                warmed: settings.models.warmup,
             },
         )?;
         Ok(Self {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::configuration::BackoffSettings;
+use super::settings::BackoffSettings;
 
 /// Connect, retrying with exponential backoff (and saying so in the log) until the broker answers
 /// or `max_attempts` is spent. `name` shows in the broker's management UI.

@@ -5,6 +5,7 @@ pub mod connect;
 pub mod consume;
 pub mod publisher;
 pub mod reply_queue;
+pub mod settings;
 pub mod topology;
 
 pub use connect::connect_with_retry;

@@ -23,7 +23,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::configuration::TopologySettings;
+use super::settings::TopologySettings;
 
 /// A queue the worker consumes requests from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,8 @@ pub const RETURN_QUEUE_HEADER: &str = "kiln-queue";
 pub struct Topology {
     /// Durable quorum queue of requests (any tier).
     pub requests: String,
+    /// The prefix every name starts with.
+    pub prefix: String,
     /// Every request queue: `requests` first, then one per tier (when `scheduling.tier_queues`).
     pub request_queues: Vec<RequestQueue>,
     /// Headers exchange that expired delay-queue copies go back through.
@@ -66,16 +68,6 @@ const DELAY_BUCKETS_MS: [u64; 13] = [
 ];
 
 impl Topology {
-    /// Names for a worker with these settings: the shared request queue, and one per tier unless
-    /// `scheduling.tier_queues` is off.
-    pub fn for_settings(settings: &crate::configuration::Settings) -> Self {
-        let tiers = settings.rate_limit.tiers.keys().map(String::as_str);
-        match settings.scheduling.tier_queues {
-            true => Self::with_tiers(&settings.amqp.topology, tiers),
-            false => Self::new(&settings.amqp.topology),
-        }
-    }
-
     /// Names derived from the configured prefix, with a request queue per tier.
     pub fn with_tiers<'a>(settings: &TopologySettings, tiers: impl IntoIterator<Item = &'a str>) -> Self {
         let mut topology = Self::new(settings);
@@ -98,6 +90,7 @@ impl Topology {
         let p = &settings.prefix;
         let requests = format!("{p}.requests");
         Self {
+            prefix: p.clone(),
             request_queues: vec![RequestQueue {
                 name: requests.clone(),
                 tier: None,

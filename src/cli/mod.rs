@@ -90,7 +90,6 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn limits(command: LimitsCommand, settings: &Settings) -> anyhow::Result<()> {
-    settings.rate_limit.validate()?;
     let redis = RedisLimiter::new(std::sync::Arc::new(settings.rate_limit.clone()))?;
     let user = match &command {
         LimitsCommand::Show { user } | LimitsCommand::SetTier { user, .. } | LimitsCommand::Reset { user } => user,

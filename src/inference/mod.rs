@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod pipelines;
 pub mod registry;
 pub mod runtime;
+pub mod settings;
 pub mod tensor_io;
 
 pub use batcher::{BatchKey, BatchLimits};

@@ -67,7 +67,9 @@ pub struct ModelInput {
 
 impl std::fmt::Debug for ModelInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelInput").field("shape", &self.shape).finish_non_exhaustive()
+        f.debug_struct("ModelInput")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use super::manifest::Manifest;
 use super::output_size::request_output_size;
 use super::pipeline::Prepared;
-use crate::configuration::{BatchingSettings, ModelSettings};
+use super::settings::{BatchingSettings, ModelSettings};
 use crate::domain::{ErrorCode, GenerationRequest, RequestError};
 
 /// Manifests of the enabled models. Cheap to share; the sessions live on the inference thread.

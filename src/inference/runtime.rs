@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ort::ep::{self, ExecutionProvider as _};
 use ort::session::Session;
 
-use crate::configuration::{
+use super::settings::{
     ArenaExtendStrategy, ConvAlgorithmSearch, ExecutionProviderKind, Fallback, InferenceSettings, ORT_VERSION,
 };
 

@@ -25,8 +25,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use secrecy::SecretString;
+
 use crate::amqp::Topology;
-use crate::configuration::Settings;
 use crate::inference::ActiveProvider;
 use crate::rate_limit::Limiter;
 pub use health::{BrokerState, Health};
@@ -57,22 +58,37 @@ pub struct WorkerFacts<'a> {
     pub limiter: Option<Arc<Limiter>>,
     /// Queue names.
     pub topology: &'a Topology,
+    /// The broker, for the heartbeat's own connection.
+    pub broker_url: &'a SecretString,
+    /// Whether the models were warmed up at startup (`models.warmup`).
+    pub warmed: bool,
+}
+
+/// The sections of the settings that configure what operators see.
+#[derive(Debug, Clone, Copy)]
+pub struct ObservabilitySettings<'a> {
+    /// `[http]`.
+    pub http: &'a HttpSettings,
+    /// `[heartbeat]`.
+    pub heartbeat: &'a HeartbeatSettings,
+    /// `[gpu]`.
+    pub gpu: &'a GpuSettings,
 }
 
 impl Observability {
     /// Bind the HTTP socket and record the build and execution provider. No task starts yet.
-    pub fn build(settings: &Settings, facts: WorkerFacts<'_>) -> anyhow::Result<Self> {
+    pub fn build(settings: ObservabilitySettings<'_>, facts: WorkerFacts<'_>) -> anyhow::Result<Self> {
         let listener = http::bind(&settings.http.bind)?;
         let http_addr = listener.local_addr()?;
         crate::metrics::set_execution_provider(facts.provider.name());
-        let warmed = match settings.models.warmup {
+        let warmed = match facts.warmed {
             true => "loaded and warmed up",
             false => "loaded (models.warmup = false: the first request of each pays for initialisation)",
         };
         let models = format!("{}: {warmed}", facts.models.join(", "));
         let beacon = settings.heartbeat.enabled.then(|| heartbeat::Beacon {
-            url: settings.amqp.url.clone(),
-            prefix: settings.amqp.topology.prefix.clone(),
+            url: facts.broker_url.clone(),
+            prefix: facts.topology.prefix.clone(),
             request_queues: facts
                 .topology
                 .request_queues

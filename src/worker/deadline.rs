@@ -18,7 +18,10 @@ impl Deadline {
     /// `request`'s own deadline, or `tier`'s default counted from `since` (its creation).
     pub(super) fn of(request: &GenerationRequest, tier: &TierClass, since: OffsetDateTime) -> Self {
         match request.deadline {
-            Some(at) => Self { at: Some(at), own: true },
+            Some(at) => Self {
+                at: Some(at),
+                own: true,
+            },
             None => Self {
                 at: tier.default_deadline.map(|d| since + d),
                 own: false,

@@ -22,6 +22,7 @@ mod lease;
 mod observed;
 mod render;
 mod reply;
+pub mod settings;
 pub mod settle;
 
 use std::sync::Arc;
@@ -33,7 +34,6 @@ use tracing::Instrument;
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
 use crate::amqp::Topology;
-use crate::configuration::{FaultSettings, RequestLimits};
 use crate::cpu_pool::CpuPool;
 use crate::domain::{ImageInfo, RequestError, Timings};
 use crate::inference::{InferenceHandle, ModelRegistry};
@@ -45,10 +45,11 @@ use incoming::Incoming;
 use lease::LeaseGuard;
 use observed::Observed;
 use render::render;
-pub use reply::INVALID_ROUTING_KEY;
 use reply::ReplyTarget;
-use settle::{Ending, Failure};
+pub use reply::INVALID_ROUTING_KEY;
+use settings::{FaultSettings, RequestLimits};
 pub use settle::Outcome;
+use settle::{Ending, Failure};
 
 /// What a worker needs besides its broker channel; shared by every connection session.
 #[derive(Clone)]
@@ -125,7 +126,9 @@ impl Worker {
             Ok(incoming) => incoming,
             Err((error, partial)) => {
                 timings.total = ms(received.elapsed());
-                return self.reply(&delivery, ReplyTarget::from(partial), Err(error), timings).await;
+                return self
+                    .reply(&delivery, ReplyTarget::from(partial), Err(error), timings)
+                    .await;
             }
         };
         let request = &incoming.request;
@@ -160,7 +163,9 @@ impl Worker {
                 target.rate_limit = rate_limit;
                 target.degraded = degraded;
                 // 3. Render.
-                let Incoming { request, class, since, .. } = incoming;
+                let Incoming {
+                    request, class, since, ..
+                } = incoming;
                 (lease, render(services, request, class, since, &mut timings).await)
             }
         };

@@ -48,7 +48,10 @@ pub(super) async fn render(
         class,
         deadline: deadline.instant(),
     };
-    let inferred = services.inference.infer(&request.model, prepared.input, options).await?;
+    let inferred = services
+        .inference
+        .infer(&request.model, prepared.input, options)
+        .await?;
     timings.inference = ms(inferred.elapsed);
     timings.batch_wait = Some(ms(inferred.waited));
     let batch_size = inferred.batch_size;

@@ -164,12 +164,7 @@ fn decide(ending: Ending) -> (Action, Outcome) {
         ),
         Ending::CopyConfirmed(retry_after_ms) => (Action::Ack, Outcome::Deferred { retry_after_ms }),
         Ending::CopyRefused(reason) => (Action::Requeue, Outcome::Requeued { reason }),
-        Ending::WorkerUnavailable(why) => (
-            Action::Requeue,
-            Outcome::Requeued {
-                reason: why.to_owned(),
-            },
-        ),
+        Ending::WorkerUnavailable(why) => (Action::Requeue, Outcome::Requeued { reason: why.to_owned() }),
         Ending::ChannelGone(reason) => (Action::Nothing, Outcome::Abandoned { reason }),
     }
 }
@@ -206,7 +201,10 @@ mod tests {
     fn only_confirmed_replies_and_copies_are_acked() {
         let action = |ending| decide(ending).0;
         assert_eq!(action(Ending::ReplyConfirmed(None)), Action::Ack);
-        assert_eq!(action(Ending::ReplyConfirmed(Some(ErrorCode::InvalidImage))), Action::Ack);
+        assert_eq!(
+            action(Ending::ReplyConfirmed(Some(ErrorCode::InvalidImage))),
+            Action::Ack
+        );
         assert_eq!(action(Ending::CopyConfirmed(1000)), Action::Ack);
         assert_eq!(action(Ending::ReplyUnroutable("NO_ROUTE".into())), Action::DeadLetter);
         assert_eq!(action(Ending::ReplyNacked), Action::Requeue);

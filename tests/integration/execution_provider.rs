@@ -80,7 +80,7 @@ async fn the_binary_exits_with_the_reason_and_logs_a_fallback_loudly() {
         "model loaded and worker ready both say so"
     );
     drop(fallback);
-    crate::helpers::delete_topology(&kiln::amqp::Topology::for_settings(&settings)).await;
+    crate::helpers::delete_topology(&settings.topology()).await;
 }
 
 #[test]
@@ -99,7 +99,8 @@ mod tensor_io {
 
     use kiln::configuration::{ExecutionProviderKind, Fallback};
     use kiln::inference::manifest::PipelineSpec;
-    use kiln::inference::style_bank::{StyleBankInput, StyleBankRunner, TensorIo};
+    use kiln::inference::pipelines::style_bank::{StyleBankInput, StyleBankRunner};
+    use kiln::inference::tensor_io::TensorIo;
     use kiln::inference::{Manifest, Runtime};
 
     use crate::helpers::{repo, test_settings};

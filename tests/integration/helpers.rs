@@ -19,6 +19,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The broker every test talks to.
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -60,9 +62,12 @@ pub fn test_settings() -> Settings {
 }
 
 fn init_logs() {
+    let filter: tracing_subscriber::filter::Targets = "info,ort=warn".parse().expect("a valid filter");
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info,ort=warn"))
+        .with_max_level(tracing::Level::INFO)
         .with_test_writer()
+        .finish()
+        .with(filter)
         .try_init();
 }
 
@@ -95,7 +100,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
 impl TestApp {
     /// Start a worker with exactly these settings (it may still be connecting when this returns).
     pub async fn start(settings: Settings) -> Self {
-        let topology = Topology::for_settings(&settings);
+        let topology = settings.topology();
         let build_settings = settings.clone();
         let app = tokio::task::spawn_blocking(move || Application::build(build_settings))
             .await

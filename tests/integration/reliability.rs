@@ -47,7 +47,7 @@ async fn dead_letter(queue: &str) -> (String, Vec<u8>) {
 #[tokio::test]
 async fn a_worker_killed_mid_inference_loses_nothing() {
     let settings = test_settings();
-    let requests = kiln::amqp::Topology::for_settings(&settings).requests;
+    let requests = settings.topology().requests;
     let mut worker = WorkerProcess::spawn(&settings, &[]);
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
 
@@ -89,7 +89,7 @@ async fn a_worker_killed_mid_inference_loses_nothing() {
 #[tokio::test]
 async fn a_crash_between_inference_and_reply_leads_to_redelivery_not_loss() {
     let settings = test_settings();
-    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let topology = settings.topology();
     let mut crashing = WorkerProcess::spawn(&settings, &[("KILN_FAULTS__ABORT_BEFORE_REPLY", "true")]);
     crashing.wait_for_log("worker ready", START_TIMEOUT).await;
 
@@ -126,7 +126,7 @@ async fn a_crash_between_inference_and_reply_leads_to_redelivery_not_loss() {
 async fn a_message_that_keeps_crashing_workers_ends_in_the_dead_letter_queue() {
     let mut settings = test_settings();
     settings.amqp.topology.delivery_limit = 2;
-    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let topology = settings.topology();
 
     let req = request(&read("tests/data/astronaut-256.png"), None);
     for attempt in 1..=2 {
@@ -193,7 +193,7 @@ async fn a_reply_nobody_can_receive_sends_the_request_to_the_dead_letter_queue()
 async fn the_worker_retries_an_unreachable_broker_and_reconnects_after_losing_it() {
     let port = free_port();
     let settings = test_settings();
-    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let topology = settings.topology();
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let worker = WorkerProcess::spawn(
         &settings,
@@ -252,7 +252,7 @@ async fn the_worker_retries_an_unreachable_broker_and_reconnects_after_losing_it
 async fn on_sigterm_the_worker_finishes_what_it_holds_and_exits_cleanly() {
     let mut settings = test_settings();
     settings.amqp.prefetch = 4;
-    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let topology = settings.topology();
     let mut worker = WorkerProcess::spawn(&settings, &[]);
     worker.wait_for_log("worker ready", START_TIMEOUT).await;
 
@@ -305,7 +305,7 @@ async fn under_load_a_terminated_worker_drains_and_the_fleet_loses_and_repeats_n
     // exactly one final reply, from one worker or the other.
     let mut settings = test_settings();
     settings.amqp.prefetch = 4;
-    let topology = kiln::amqp::Topology::for_settings(&settings);
+    let topology = settings.topology();
     let grace = Duration::from_secs(20);
     let grace_ms = grace.as_millis().to_string();
     let extra = [("KILN_WORKER__SHUTDOWN_GRACE_MS", grace_ms.as_str())];

@@ -1,6 +1,6 @@
 //! The worker's step function: one delivery in, one outcome out, no consumer loop and no sleeps.
 
-use kiln::amqp::{ReplyPublisher, Topology};
+use kiln::amqp::ReplyPublisher;
 use kiln::domain::{ErrorCode, WireStyle};
 use kiln::startup::Application;
 use kiln::worker::{Outcome, Worker};
@@ -44,7 +44,7 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     settings.worker.id = Some("step-worker".into());
     let app = Application::build(settings.clone()).unwrap();
     let services = app.services();
-    let topology = Topology::for_settings(&settings);
+    let topology = settings.topology();
     let queue = topology.request_queues[0].clone();
     let connection = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();

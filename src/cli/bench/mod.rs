@@ -76,7 +76,7 @@ pub async fn run(args: BenchArgs, settings: Settings) -> anyhow::Result<BenchRep
     let photo = std::fs::read(&args.image).with_context(|| format!("cannot read {}", args.image.display()))?;
     let users = Users::new(mix, args.users, photo, args.size);
     let settings = worker::isolated(settings, users.tiers())?;
-    let topology = Topology::for_settings(&settings);
+    let topology = settings.topology();
     users.register(&settings.rate_limit).await?;
     let worker = worker::Worker::start(&settings).await?;
 

@@ -28,7 +28,11 @@ pub(super) fn load_runners(
         let mut runner = pipeline.load(manifest, runtime)?;
         if warmup {
             let max = limits(&manifest.name).max_batch_size;
-            let sizes = if pipeline.batches() && max > 1 { vec![1, max] } else { vec![1] };
+            let sizes = if pipeline.batches() && max > 1 {
+                vec![1, max]
+            } else {
+                vec![1]
+            };
             for n in sizes {
                 let inputs: Vec<ModelInput> = (0..n).map(|_| pipeline.warmup_input(manifest)).collect();
                 let refs: Vec<&ModelInput> = inputs.iter().collect();

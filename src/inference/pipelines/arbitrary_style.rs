@@ -64,7 +64,11 @@ impl Pipeline for ArbitraryStyleSpec {
 }
 
 /// Decode, check, resize and lay out one request for an arbitrary-style model.
-fn prepare(manifest: &Manifest, spec: &ArbitraryStyleSpec, request: &GenerationRequest) -> Result<Prepared, RequestError> {
+fn prepare(
+    manifest: &Manifest,
+    spec: &ArbitraryStyleSpec,
+    request: &GenerationRequest,
+) -> Result<Prepared, RequestError> {
     let params = &request.params;
     let style_bytes = check(manifest, request)?;
     let limits = &manifest.limits;

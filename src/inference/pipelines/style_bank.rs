@@ -40,7 +40,11 @@ impl Pipeline for StyleBankSpec {
 
     fn load(&self, manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Box<dyn Runner>> {
         let session = runtime.session(&manifest.dir.join(&self.file))?;
-        Ok(Box::new(StyleBankRunner::new(session, self.clone(), runtime.tensor_io())?))
+        Ok(Box::new(StyleBankRunner::new(
+            session,
+            self.clone(),
+            runtime.tensor_io(),
+        )?))
     }
 
     fn batches(&self) -> bool {

@@ -1,0 +1,75 @@
+//! The `[amqp]` settings: the broker connection, the topology's names and arguments, reconnecting.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://` or `amqps://`; it may carry credentials, so it is never logged.
+    /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: SecretString,
+    /// Unacknowledged deliveries this worker holds at once (`basic.qos`). Default 16: enough to keep
+    /// the inference thread fed while replies are being confirmed.
+    pub prefetch: u16,
+    /// Names and arguments of the queues and exchanges.
+    pub topology: TopologySettings,
+    /// How startup and reconnection retry an unreachable broker.
+    pub reconnect: BackoffSettings,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefetch: 16,
+            topology: TopologySettings::default(),
+            reconnect: BackoffSettings::default(),
+        }
+    }
+}
+
+/// Queue and exchange names (all derived from one prefix) and their arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologySettings {
+    /// Prefix of every name: `<prefix>.requests`, `<prefix>.results`, `<prefix>.dlx`,
+    /// `<prefix>.dead-letter`. Default `kiln`.
+    pub prefix: String,
+    /// Deliveries of one request (first one included) before the broker dead-letters it, so a
+    /// request that keeps crashing workers cannot loop forever. Default 3.
+    pub delivery_limit: u32,
+}
+
+impl Default for TopologySettings {
+    fn default() -> Self {
+        Self {
+            prefix: "kiln".into(),
+            delivery_limit: 3,
+        }
+    }
+}
+
+/// Exponential backoff.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffSettings {
+    /// First wait. Default 250 ms.
+    pub initial_ms: u64,
+    /// Longest wait. Default 10 s.
+    pub max_ms: u64,
+    /// Give up after this many failed attempts; 0 retries forever (default: under Kubernetes the
+    /// pod stays not-ready and says why in its logs).
+    pub max_attempts: u32,
+}
+
+impl Default for BackoffSettings {
+    fn default() -> Self {
+        Self {
+            initial_ms: 250,
+            max_ms: 10_000,
+            max_attempts: 0,
+        }
+    }
+}
