@@ -3,35 +3,51 @@
 //! # How a request flows
 //!
 //! ```text
-//!  RabbitMQ <prefix>.requests ──► startup::Application (consumer, prefetch)
-//!        │                              │ one task per delivery
-//!        │                              ▼
-//!        │                        worker::Worker::handle
-//!        │        domain::GenerationRequest::parse      (bytes → trusted request, or error reply)
-//!        │        inference::ModelRegistry::prepare     (cpu_pool: decode, resize, tensor)
-//!        │        inference::InferenceHandle::infer ──► inference::engine thread (ONNX Runtime,
-//!        │                                               CPU or CUDA; owns every session)
-//!        │        inference::Finish::apply + imaging::encode_png   (cpu_pool)
-//!        │        amqp::ReplyPublisher::publish         (mandatory, publisher confirm)
-//!        ◄─────── ack only after the confirm (worker::settle maps every outcome to ack/reject/requeue)
+//!  RabbitMQ <prefix>.requests.<tier> ──► amqp::consume::Consumers (qos per queue, a task per delivery)
+//!        │                                  │
+//!        │   worker::Worker::handle         ▼  one delivery's journey, a file per step:
+//!        │     1. worker::incoming    parse once (domain::GenerationRequest), wait, tier, deferrals
+//!        │     2. worker::admission   deadline, overload policy (scheduling), limits (rate_limit, Redis)
+//!        │          └─ worker::defer  over a `defer` limit: copy to a delay queue, `deferred` notice
+//!        │     3. worker::render      prepare (cpu_pool) ─► inference::InferenceHandle::infer
+//!        │                              ─► inference::engine thread: inference::batcher picks the
+//!        │                                 batch, the model kind's pipeline::Runner runs it (ONNX
+//!        │                                 Runtime, CPU or CUDA) ─► finish + PNG (cpu_pool)
+//!        │     4. worker::reply       amqp::ReplyPublisher::publish (mandatory, publisher confirm)
+//!        ◄──── 5. worker::settle      the one table: every ending → ack / dead-letter / requeue
 //! ```
+//!
+//! # Where things are
+//!
+//! - A request is **admitted** in [`worker::admission`] (its deadline, the tier's overload action,
+//!   the user's limits through [`rate_limit`]), **batched** in [`inference::batcher`] (driven by the
+//!   serve loop in [`inference::engine`]), and its **error becomes a broker action** in
+//!   [`worker::settle`].
+//! - A **new model kind** goes in [`inference::pipelines`]: a file that implements
+//!   [`inference::Pipeline`] (check, prepare, load a [`inference::Runner`], batches, warm-up) on its
+//!   manifest section, and one variant in [`inference::manifest::PipelineSpec`].
 //!
 //! # Modules
 //!
-//! - [`configuration`]: typed settings from a file and `KILN_*` variables.
-//! - [`domain`]: the message contract: requests, replies, ids, error codes.
-//! - [`amqp`]: connection with backoff, topology, confirmed reply publishing.
-//! - [`inference`]: model manifests and registry, ONNX Runtime and execution providers, the
-//!   inference thread, the pipelines.
-//! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
+//! - [`configuration`]: all settings composed, loaded from a file and `KILN_*` variables, validated
+//!   once; each section is declared by the module it configures.
+//! - [`domain`]: the message contract: requests, replies, ids, error codes, deferral reasons.
+//! - [`amqp`]: connection with backoff, topology (tier queues, delay queues), consuming,
+//!   confirmed reply publishing.
+//! - [`worker`]: one delivery from arrival to ack (the five steps above).
+//! - [`scheduling`]: tiers' weights, default deadlines and overload actions.
 //! - [`rate_limit`]: per-user limits by tier in Redis (one Lua round trip), with an outage policy.
-//! - [`worker`]: one delivery from arrival to ack.
-//! - [`cpu_pool`]: the lower-priority threads for image work around inference.
-//! - [`startup`], [`shutdown`], [`telemetry`]: process lifecycle.
+//! - [`inference`]: model manifests and registry, the pipeline seam and the kinds, ONNX Runtime and
+//!   execution providers, the inference thread and its batcher.
+//! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
+//! - [`cpu_pool`]: the lower-priority threads for image work around inference, by tier class.
+//! - [`startup`] (assembles the parts), [`shutdown`], [`telemetry`]: process lifecycle.
 //! - [`observability`]: `/metrics`, `/healthz`, `/readyz`, the fleet heartbeat; [`metrics`] (every
-//!   Prometheus metric, recorded from anywhere in one line), [`gpu`] (NVML), [`trace_context`] (W3C
+//!   Prometheus metric, declared once in a table), [`gpu`] (NVML), [`trace_context`] (W3C
 //!   `traceparent` from requests to replies).
-//! - [`submit`]: the producer side of `kiln submit`.
+//! - [`submit`]: the producer client (`kiln submit`, `kiln bench`, tests, benchmarks). The `kiln`
+//!   command itself (`src/main.rs`, `src/cli/`: `worker`, `submit`, `bench`, `models`, `limits`)
+//!   lives in the binary.
 
 pub mod amqp;
 pub mod configuration;
