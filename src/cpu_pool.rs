@@ -36,8 +36,28 @@ pub struct CpuTaskError(String);
 pub struct CpuPool {
     pool: rayon::ThreadPool,
     queue: Arc<Mutex<BinaryHeap<Queued>>>,
-    epoch: Instant,
+    clock: Clock,
     sequence: AtomicU64,
+}
+
+/// Time since the pool started, by which queued jobs are ordered (tests set it by hand).
+struct Clock(Box<dyn Fn() -> Duration + Send + Sync>);
+
+impl Clock {
+    fn real() -> Self {
+        let epoch = Instant::now();
+        Self(Box::new(move || epoch.elapsed()))
+    }
+
+    fn now(&self) -> Duration {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
 }
 
 /// A job waiting for a thread: ordered by (effective queueing time, arrival).
@@ -80,6 +100,10 @@ impl Ord for Queued {
 impl CpuPool {
     /// `threads` threads (0: one per CPU), each at `nice` (0 = normal priority, 19 = lowest).
     pub fn new(threads: usize, nice: i32) -> anyhow::Result<Self> {
+        Self::with_clock(threads, nice, Clock::real())
+    }
+
+    fn with_clock(threads: usize, nice: i32, clock: Clock) -> anyhow::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("kiln-cpu-{i}"))
@@ -89,7 +113,7 @@ impl CpuPool {
         Ok(Self {
             pool,
             queue: Arc::default(),
-            epoch: Instant::now(),
+            clock,
             sequence: AtomicU64::new(0),
         })
     }
@@ -106,6 +130,17 @@ impl CpuPool {
         class: usize,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, CpuTaskError> {
+        self.submit(class, job)
+            .await
+            .map_err(|_| CpuTaskError("the CPU pool is gone".into()))?
+    }
+
+    /// Queue `job` as `class` now; the receiver gets its result.
+    fn submit<T: Send + 'static>(
+        &self,
+        class: usize,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<Result<T, CpuTaskError>> {
         let (tx, rx) = oneshot::channel();
         let wrapped = move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(job)).map_err(|panic| {
@@ -120,7 +155,7 @@ impl CpuPool {
         };
         let lag = CLASS_LAG.saturating_mul(u32::try_from(class).unwrap_or(u32::MAX));
         lock(&self.queue).push(Queued {
-            due: self.epoch.elapsed().saturating_add(lag),
+            due: self.clock.now().saturating_add(lag),
             sequence: self.sequence.fetch_add(1, AtomicOrdering::Relaxed),
             job: Box::new(wrapped),
         });
@@ -132,7 +167,7 @@ impl CpuPool {
                 (queued.job)();
             }
         });
-        rx.await.map_err(|_| CpuTaskError("the CPU pool is gone".into()))?
+        rx
     }
 }
 
@@ -158,33 +193,35 @@ fn lower_priority(nice: i32) {
 mod tests {
     use super::*;
 
-    /// With the only thread held, queue free jobs (class 3), wait `gap`, queue a pro job (class 1),
-    /// release the thread: the order the jobs ran in.
+    /// With the only thread held, queue two free jobs (class 3), let `gap` pass on the pool's
+    /// clock, queue a pro job (class 1), release the thread: the order the jobs ran in. The clock
+    /// is the test's and every step waits for the one before, so the order depends on `gap` alone.
     async fn order_with_the_pool_held(gap: Duration) -> Vec<&'static str> {
-        let pool = Arc::new(CpuPool::new(1, 0).unwrap());
+        let now = Arc::new(Mutex::new(Duration::from_secs(1)));
+        let clock = Clock(Box::new({
+            let now = Arc::clone(&now);
+            move || *now.lock().unwrap()
+        }));
+        let pool = CpuPool::with_clock(1, 0, clock).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
+        let (started, running) = oneshot::channel::<()>();
         let (release, hold) = std::sync::mpsc::channel::<()>();
-        let blocker = tokio::spawn({
-            let pool = Arc::clone(&pool);
-            async move { pool.run(move || hold.recv().unwrap()).await.unwrap() }
+        let blocker = pool.submit(0, move || {
+            started.send(()).unwrap();
+            hold.recv().unwrap()
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let spawn = |class: usize, name: &'static str| {
-            let (pool, order) = (Arc::clone(&pool), Arc::clone(&order));
-            tokio::spawn(async move {
-                pool.run_as(class, move || order.lock().unwrap().push(name))
-                    .await
-                    .unwrap()
-            })
+        running.await.expect("the blocker runs");
+        let submit = |class: usize, name: &'static str| {
+            let order = Arc::clone(&order);
+            pool.submit(class, move || order.lock().unwrap().push(name))
         };
-        let jobs = [spawn(3, "free-1"), spawn(3, "free-2")];
-        tokio::time::sleep(gap).await;
-        let pro = spawn(1, "pro");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let jobs = [submit(3, "free-1"), submit(3, "free-2")];
+        *now.lock().unwrap() += gap;
+        let pro = submit(1, "pro");
         release.send(()).unwrap();
-        blocker.await.unwrap();
+        blocker.await.unwrap().unwrap();
         for job in jobs.into_iter().chain([pro]) {
-            job.await.unwrap();
+            job.await.unwrap().unwrap();
         }
         let order = order.lock().unwrap().clone();
         order
@@ -192,14 +229,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_higher_class_goes_first_and_a_lower_one_ages_in() {
-        // Queued 5 ms after two free jobs, pro (due +25 ms) passes them (due +75 ms).
+        // Queued 5 ms after two free jobs, pro (due +30 ms) passes them (due +75 ms).
         assert_eq!(
             order_with_the_pool_held(Duration::from_millis(5)).await,
             ["pro", "free-1", "free-2"]
         );
-        // Free jobs that have waited more than the classes' lag apart (50 ms) keep their turn.
+        // Queued 120 ms after them (due +145 ms), pro waits for the free jobs (due +75 ms).
         assert_eq!(
             order_with_the_pool_held(Duration::from_millis(120)).await,
+            ["free-1", "free-2", "pro"]
+        );
+        // At exactly the classes' lag apart (50 ms) the tie goes to the first queued.
+        assert_eq!(
+            order_with_the_pool_held(Duration::from_millis(50)).await,
             ["free-1", "free-2", "pro"]
         );
     }

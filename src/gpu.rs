@@ -18,23 +18,8 @@ use nvml_wrapper::bitmasks::device::ThrottleReasons;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
-use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec};
 use serde::Serialize;
-
-/// Every GPU metric name (none can be scraped without a GPU, so tests check dashboards against
-/// this list).
-pub const METRIC_NAMES: &[&str] = &[
-    "kiln_gpu_info",
-    "kiln_gpu_utilization_ratio",
-    "kiln_gpu_memory_used_bytes",
-    "kiln_gpu_memory_total_bytes",
-    "kiln_gpu_power_watts",
-    "kiln_gpu_energy_joules_total",
-    "kiln_gpu_temperature_celsius",
-    "kiln_gpu_sm_clock_hertz",
-    "kiln_gpu_throttle_active",
-    "kiln_gpu_poll_errors_total",
-];
 
 /// The throttle reasons exported as `kiln_gpu_throttle_active{reason}` (NVML's clock event
 /// reasons; `gpu_idle` is normal on an idle GPU).
@@ -53,74 +38,37 @@ pub const THROTTLE_REASONS: &[(&str, ThrottleReasons)] = &[
     ("display_clock_setting", ThrottleReasons::DISPLAY_CLOCK_SETTING),
 ];
 
-struct GpuMetrics {
-    info: IntGaugeVec,
-    utilization: GaugeVec,
-    memory_used: GaugeVec,
-    memory_total: GaugeVec,
-    power: GaugeVec,
-    energy: CounterVec,
-    temperature: GaugeVec,
-    sm_clock: GaugeVec,
-    throttle: IntGaugeVec,
-    poll_errors: IntCounterVec,
+crate::metrics::declare_metrics! {
+    /// The GPU gauges, registered in the registry `/metrics` serves.
+    struct GpuMetrics;
+    /// Every GPU metric name (none can be scraped without a GPU, so tests check dashboards against
+    /// this list).
+    names METRIC_NAMES;
+    specs SPECS;
+
+    info: IntGaugeVec = "kiln_gpu_info", "gauge (1)", ["gpu", "name", "uuid"],
+        "Always 1; the GPU's model name and UUID.";
+    utilization: GaugeVec = "kiln_gpu_utilization_ratio", "gauge", ["gpu"],
+        "Fraction of NVML's last sample period in which a kernel ran on the GPU.";
+    memory_used: GaugeVec = "kiln_gpu_memory_used_bytes", "gauge", ["gpu"],
+        "GPU memory allocated.";
+    memory_total: GaugeVec = "kiln_gpu_memory_total_bytes", "gauge", ["gpu"],
+        "GPU memory installed.";
+    power: GaugeVec = "kiln_gpu_power_watts", "gauge", ["gpu"],
+        "Power draw.";
+    energy: CounterVec = "kiln_gpu_energy_joules_total", "counter", ["gpu"],
+        "Energy the GPU used since this worker started watching it.";
+    temperature: GaugeVec = "kiln_gpu_temperature_celsius", "gauge", ["gpu"],
+        "GPU die temperature.";
+    sm_clock: GaugeVec = "kiln_gpu_sm_clock_hertz", "gauge", ["gpu"],
+        "Streaming-multiprocessor clock.";
+    throttle: IntGaugeVec = "kiln_gpu_throttle_active", "gauge (0/1)", ["gpu", "reason"],
+        "1 while NVML reports this reason for holding the clocks down.";
+    poll_errors: IntCounterVec = "kiln_gpu_poll_errors_total", "counter", ["gpu"],
+        "NVML queries that failed (other than 'not supported').";
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
-}
-
-static METRICS: LazyLock<GpuMetrics> = LazyLock::new(|| {
-    let gauge = |name: &str, help: &str| crate::metrics::register(GaugeVec::new(opts(name, help), &["gpu"]).unwrap());
-    GpuMetrics {
-        info: crate::metrics::register(
-            IntGaugeVec::new(
-                opts("kiln_gpu_info", "Always 1; the GPU's model name and UUID."),
-                &["gpu", "name", "uuid"],
-            )
-            .unwrap(),
-        ),
-        utilization: gauge(
-            "kiln_gpu_utilization_ratio",
-            "Fraction of NVML's last sample period in which a kernel ran on the GPU.",
-        ),
-        memory_used: gauge("kiln_gpu_memory_used_bytes", "GPU memory allocated."),
-        memory_total: gauge("kiln_gpu_memory_total_bytes", "GPU memory installed."),
-        power: gauge("kiln_gpu_power_watts", "Power draw."),
-        energy: crate::metrics::register(
-            CounterVec::new(
-                opts(
-                    "kiln_gpu_energy_joules_total",
-                    "Energy the GPU used since this worker started watching it.",
-                ),
-                &["gpu"],
-            )
-            .unwrap(),
-        ),
-        temperature: gauge("kiln_gpu_temperature_celsius", "GPU die temperature."),
-        sm_clock: gauge("kiln_gpu_sm_clock_hertz", "Streaming-multiprocessor clock."),
-        throttle: crate::metrics::register(
-            IntGaugeVec::new(
-                opts(
-                    "kiln_gpu_throttle_active",
-                    "1 while NVML reports this reason for holding the clocks down.",
-                ),
-                &["gpu", "reason"],
-            )
-            .unwrap(),
-        ),
-        poll_errors: crate::metrics::register(
-            IntCounterVec::new(
-                opts(
-                    "kiln_gpu_poll_errors_total",
-                    "NVML queries that failed (other than 'not supported').",
-                ),
-                &["gpu"],
-            )
-            .unwrap(),
-        ),
-    }
-});
+static METRICS: LazyLock<GpuMetrics> = LazyLock::new(|| GpuMetrics::register(crate::metrics::register));
 
 /// One GPU, as of the last poll; fields NVML did not report are `None` (JSON `null`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -314,8 +262,6 @@ fn set(gauge: &GaugeVec, labels: &[&str], value: Option<f64>) {
 
 #[cfg(test)]
 mod tests {
-    use prometheus::core::Collector;
-
     use super::*;
 
     #[tokio::test]
@@ -334,28 +280,31 @@ mod tests {
     }
 
     #[test]
-    fn the_declared_names_are_the_registered_ones() {
-        let m = &*METRICS;
-        let collectors: Vec<&dyn Collector> = vec![
-            &m.info,
-            &m.utilization,
-            &m.memory_used,
-            &m.memory_total,
-            &m.power,
-            &m.energy,
-            &m.temperature,
-            &m.sm_clock,
-            &m.throttle,
-            &m.poll_errors,
-        ];
-        let mut names: Vec<String> = collectors
-            .iter()
-            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
-            .collect();
-        let mut declared: Vec<&str> = METRIC_NAMES.to_vec();
-        names.sort_unstable();
-        declared.sort_unstable();
-        assert_eq!(names, declared);
+    fn the_declarations_are_the_collectors() {
+        crate::metrics::assert_declarations(SPECS, &METRICS.collectors());
+        let names: Vec<&str> = SPECS.iter().map(|spec| spec.name).collect();
+        assert_eq!(names, METRIC_NAMES);
+    }
+
+    #[test]
+    fn everything_gathered_is_declared() {
+        // Every family /metrics exports is in one of the two lists (GPU series exist only where
+        // NVML sees a GPU).
+        LazyLock::force(&METRICS);
+        crate::metrics::observe_batch("unit-test-model-gathered", 1, 0.01);
+        let text = crate::metrics::render();
+        let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
+        assert!(
+            families.iter().any(|f| f.starts_with("kiln_inference_batch_size ")),
+            "{text}"
+        );
+        for family in families {
+            let name = family.split(' ').next().unwrap();
+            assert!(
+                crate::metrics::METRIC_NAMES.contains(&name) || METRIC_NAMES.contains(&name),
+                "{name} is registered but in no list of names"
+            );
+        }
     }
 
     #[test]

@@ -1,87 +1,208 @@
 //! Prometheus metrics: one process-wide [`prometheus::Registry`], served on `/metrics` by
-//! [`crate::http`].
+//! [`crate::observability::http`].
 //!
 //! Every metric is a process-wide static, registered once in that registry, so any module records
 //! with a one-line call (`metrics::observe_batch(model, size, seconds)`) and no handle is threaded
 //! through constructors. The price: two workers in one process share their counts. kiln runs one
-//! worker per process, and nextest runs each test in its own process, so tests can assert exact
-//! values.
+//! worker per process; tests that run in one process with others (`cargo test`) compare readings
+//! before and after, of label values only they use.
 //!
 //! Naming follows Prometheus: `kiln_` prefix, base units (seconds, bytes), `_total` on counters.
 //! Labels come from small fixed sets only: `model` (a served model, else `unknown`), `tier` (a
 //! configured tier, else `unknown`), `outcome`, `result`, `reason`, `stage`, `queue`, `provider`,
 //! `version`, `gpu` (an index). Never a user id or a request id.
 //!
-//! | metric | type | labels |
-//! | --- | --- | --- |
-//! | `kiln_build_info` | gauge (1) | version |
-//! | `kiln_execution_provider_info` | gauge (1) | provider |
-//! | `kiln_ready` | gauge (0/1) | |
-//! | `kiln_requests_total` | counter | model, tier, outcome |
-//! | `kiln_requests_in_flight` | gauge | |
-//! | `kiln_request_queue_wait_seconds` | histogram | model, tier |
-//! | `kiln_request_inference_seconds` | histogram | model, tier |
-//! | `kiln_request_duration_seconds` | histogram | model, tier |
-//! | `kiln_requests_expired_total` | counter | stage |
-//! | `kiln_deferrals_total` | counter | reason |
-//! | `kiln_dead_letters_total` | counter | reason |
-//! | `kiln_inference_batch_size` | histogram | model |
-//! | `kiln_inference_batch_duration_seconds` | histogram | model |
-//! | `kiln_inference_images_total` | counter | model |
-//! | `kiln_inference_busy_seconds_total` | counter | |
-//! | `kiln_inference_busy_ratio` | gauge | |
-//! | `kiln_model_load_seconds` | gauge | model |
-//! | `kiln_model_info` | gauge (1) | model, variant |
-//! | `kiln_rate_limit_decisions_total` | counter | tier, result |
-//! | `kiln_rate_limit_fallback_active` | gauge (0/1) | |
-//! | `kiln_redis_errors_total` | counter | reason |
-//! | `kiln_broker_reconnects_total` | counter | |
-//! | `kiln_queue_messages` | gauge | queue |
-//! | `kiln_heartbeats_total` | counter | result |
+//! Each metric is declared once, in the [`declare_metrics!`] table below: name, type, labels,
+//! help. The table yields the collectors, their registration, [`METRIC_NAMES`] and the list in
+//! [`METRIC_NAMES`]' documentation (name, type, labels, help of each metric).
 //!
-//! The GPU series (`kiln_gpu_*`) are declared in [`crate::gpu`] and registered here too.
+//! The GPU series (`kiln_gpu_*`) are declared the same way in [`crate::gpu`] and registered here
+//! too ([`register`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 
-use prometheus::core::Collector;
+use prometheus::core::{Atomic, Collector, GenericCounter, GenericCounterVec, GenericGauge, GenericGaugeVec};
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
 
-use crate::rate_limit::{AtLimit, Decision};
+/// One metric as declared in a [`declare_metrics!`] table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spec {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// The type as documented: `counter`, `gauge`, `gauge (1)`, `gauge (0/1)`, `histogram`
+    /// (checked against the collector's type by the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub kind: &'static str,
+    /// The label names.
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub help: &'static str,
+    /// A histogram's buckets (`None`: the client's defaults).
+    pub buckets: Option<&'static [f64]>,
+}
+
+/// A collector a [`Spec`] can make.
+pub(crate) trait FromSpec: Collector + Clone + Sized + 'static {
+    /// The collector; an invalid spec is an error.
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self>;
+}
+
+fn opts(spec: &Spec) -> Opts {
+    Opts::new(spec.name, spec.help)
+}
+
+/// A metric without labels: the spec must name none.
+fn unlabelled(spec: &Spec) -> prometheus::Result<Opts> {
+    match spec.labels {
+        [] => Ok(opts(spec)),
+        _ => Err(prometheus::Error::Msg(format!("{} takes no labels", spec.name))),
+    }
+}
+
+impl<P: Atomic + 'static> FromSpec for GenericCounter<P> {
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self> {
+        Self::with_opts(unlabelled(spec)?)
+    }
+}
+
+impl<P: Atomic + 'static> FromSpec for GenericGauge<P> {
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self> {
+        Self::with_opts(unlabelled(spec)?)
+    }
+}
+
+impl<P: Atomic + 'static> FromSpec for GenericCounterVec<P> {
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self> {
+        Self::new(opts(spec), spec.labels)
+    }
+}
+
+impl<P: Atomic + 'static> FromSpec for GenericGaugeVec<P> {
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self> {
+        Self::new(opts(spec), spec.labels)
+    }
+}
+
+impl FromSpec for HistogramVec {
+    fn from_spec(spec: &Spec) -> prometheus::Result<Self> {
+        let mut histogram = HistogramOpts::new(spec.name, spec.help);
+        if let Some(buckets) = spec.buckets {
+            histogram = histogram.buckets(buckets.to_vec());
+        }
+        Self::new(histogram, spec.labels)
+    }
+}
+
+/// Label names as one documentation string: `a, b, c`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __kiln_metric_labels {
+    () => {
+        ""
+    };
+    ($first:literal $(, $rest:literal)*) => {
+        concat!($first $(, ", ", $rest)*)
+    };
+}
+
+/// Declare a set of metrics once: `field: Type = "name", "kind", [labels], "help"` (and, for a
+/// histogram, `buckets = SLICE`). It yields
+///
+/// - `struct $collectors` with one field per metric, and `$collectors::register(f)`, which makes
+///   every collector and hands each to `f` to register;
+/// - `const $names: &[&str]`, every name, documented with a table of every metric;
+/// - `const $specs: &[Spec]`, the declarations themselves.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __kiln_declare_metrics {
+    (
+        $(#[$collectors_meta:meta])*
+        struct $collectors:ident;
+        $(#[$names_meta:meta])*
+        names $names:ident;
+        specs $specs:ident;
+        $(
+            $field:ident: $ty:ty = $name:literal, $kind:literal, [$($label:literal),* $(,)?], $help:literal
+                $(, buckets = $buckets:expr)?;
+        )+
+    ) => {
+        $(#[$collectors_meta])*
+        struct $collectors {
+            $($field: $ty,)+
+        }
+
+        $(#[$names_meta])*
+        ///
+        /// | metric | type | labels | meaning |
+        /// | --- | --- | --- | --- |
+        $(
+            #[doc = concat!(
+                "| `", $name, "` | ", $kind, " | ", $crate::__kiln_metric_labels!($($label),*), " | ", $help, " |"
+            )]
+        )+
+        pub const $names: &[&str] = &[$($name),+];
+
+        /// Every declaration, in the order of the table.
+        #[allow(dead_code)]
+        const $specs: &[$crate::metrics::Spec] = &[
+            $(
+                $crate::metrics::Spec {
+                    name: $name,
+                    kind: $kind,
+                    labels: &[$($label),*],
+                    help: $help,
+                    buckets: $crate::__kiln_metric_buckets!($($buckets)?),
+                },
+            )+
+        ];
+
+        impl $collectors {
+            /// Make every collector, handing each to `register`; the declarations are constants,
+            /// so an invalid one is a bug.
+            fn register(register: impl Fn(Box<dyn prometheus::core::Collector>)) -> Self {
+                let mut specs = $specs.iter();
+                Self {
+                    $(
+                        $field: {
+                            let spec = specs.next().expect("one spec per field");
+                            let collector = <$ty as $crate::metrics::FromSpec>::from_spec(spec)
+                                .unwrap_or_else(|e| panic!("metric {}: {e}", spec.name));
+                            register(Box::new(collector.clone()));
+                            collector
+                        },
+                    )+
+                }
+            }
+
+            /// Every collector, in the order of the table.
+            #[allow(dead_code)]
+            fn collectors(&self) -> Vec<&dyn prometheus::core::Collector> {
+                vec![$(&self.$field),+]
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __kiln_metric_buckets {
+    () => {
+        None
+    };
+    ($buckets:expr) => {
+        Some($buckets)
+    };
+}
+
+#[doc(inline)]
+pub(crate) use crate::__kiln_declare_metrics as declare_metrics;
 
 /// The label value for a model or tier that is not one of the known set.
 pub const UNKNOWN: &str = "unknown";
-
-/// Every metric name this module declares (histograms without their `_bucket`/`_sum`/`_count`).
-pub const METRIC_NAMES: &[&str] = &[
-    "kiln_build_info",
-    "kiln_execution_provider_info",
-    "kiln_ready",
-    "kiln_requests_total",
-    "kiln_requests_in_flight",
-    "kiln_request_queue_wait_seconds",
-    "kiln_request_inference_seconds",
-    "kiln_request_duration_seconds",
-    "kiln_requests_expired_total",
-    "kiln_deferrals_total",
-    "kiln_dead_letters_total",
-    "kiln_inference_batch_size",
-    "kiln_inference_batch_duration_seconds",
-    "kiln_inference_images_total",
-    "kiln_inference_busy_seconds_total",
-    "kiln_inference_busy_ratio",
-    "kiln_model_load_seconds",
-    "kiln_model_info",
-    "kiln_rate_limit_decisions_total",
-    "kiln_rate_limit_fallback_active",
-    "kiln_redis_errors_total",
-    "kiln_broker_reconnects_total",
-    "kiln_queue_messages",
-    "kiln_heartbeats_total",
-];
 
 /// Seconds a request may wait in a queue: deferred requests wait minutes to an hour.
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
@@ -94,230 +215,129 @@ const RUN_BUCKETS: &[f64] = &[
 /// Images per model run.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
-struct Metrics {
-    registry: Registry,
-    build_info: IntGaugeVec,
-    provider_info: IntGaugeVec,
-    ready: IntGauge,
-    requests: IntCounterVec,
-    in_flight: IntGauge,
-    queue_wait: HistogramVec,
-    request_inference: HistogramVec,
-    request_duration: HistogramVec,
-    expired: IntCounterVec,
-    deferrals: IntCounterVec,
-    dead_letters: IntCounterVec,
-    batch_size: HistogramVec,
-    batch_duration: HistogramVec,
-    images: IntCounterVec,
-    busy: Counter,
-    busy_ratio: Gauge,
-    model_load: GaugeVec,
-    model_info: IntGaugeVec,
-    decisions: IntCounterVec,
-    fallback_active: IntGauge,
-    redis_errors: IntCounterVec,
-    broker_reconnects: IntCounter,
-    queue_messages: IntGaugeVec,
-    heartbeats: IntCounterVec,
+declare_metrics! {
+    /// Every metric of this module, registered in [`REGISTRY`].
+    struct Metrics;
+    /// Every metric name this module declares (histograms without their `_bucket`/`_sum`/`_count`).
+    names METRIC_NAMES;
+    specs SPECS;
+
+    build_info: IntGaugeVec = "kiln_build_info", "gauge (1)", ["version"],
+        "Always 1; the version of kiln running.";
+    provider_info: IntGaugeVec = "kiln_execution_provider_info", "gauge (1)", ["provider"],
+        "Always 1; the execution provider the models run on (cuda, cpu, cpu_fallback).";
+    ready: IntGauge = "kiln_ready", "gauge (0/1)", [],
+        "1 when /readyz passes: consuming, models loaded, limiter usable.";
+    requests: IntCounterVec = "kiln_requests_total", "counter", ["model", "tier", "outcome"],
+        "Deliveries settled, by outcome: ok, an error code, deferred, dead_lettered, requeued, abandoned \
+         (a deferred request counts again when it comes back).";
+    in_flight: IntGauge = "kiln_requests_in_flight", "gauge", [],
+        "Deliveries being handled now.";
+    queue_wait: HistogramVec = "kiln_request_queue_wait_seconds", "histogram", ["model", "tier"],
+        "Time from enqueueing (created_at or the AMQP timestamp) to the worker receiving the request.",
+        buckets = QUEUE_WAIT_BUCKETS;
+    request_inference: HistogramVec = "kiln_request_inference_seconds", "histogram", ["model", "tier"],
+        "Time of the model run that rendered a request (successful requests).",
+        buckets = RUN_BUCKETS;
+    request_duration: HistogramVec = "kiln_request_duration_seconds", "histogram", ["model", "tier"],
+        "Time from receiving a request to settling it with the broker (reply confirmed, acked).",
+        buckets = RUN_BUCKETS;
+    expired: IntCounterVec = "kiln_requests_expired_total", "counter", ["stage"],
+        "Requests whose deadline passed: on arrival (admission), after preparation (inference), or \
+         before a deferral could end (deferral; answered rate_limited).";
+    deferrals: IntCounterVec = "kiln_deferrals_total", "counter", ["reason"],
+        "Requests put in a delay queue, by the limit that deferred them.";
+    dead_letters: IntCounterVec = "kiln_dead_letters_total", "counter", ["reason"],
+        "Requests this worker dead-lettered (rejected without requeue), by reason.";
+    batch_size: HistogramVec = "kiln_inference_batch_size", "histogram", ["model"],
+        "Images per model run.",
+        buckets = BATCH_BUCKETS;
+    batch_duration: HistogramVec = "kiln_inference_batch_duration_seconds", "histogram", ["model"],
+        "Time of one model run (one batch).",
+        buckets = RUN_BUCKETS;
+    images: IntCounterVec = "kiln_inference_images_total", "counter", ["model"],
+        "Images the models rendered.";
+    busy: Counter = "kiln_inference_busy_seconds_total", "counter", [],
+        "Time the inference thread spent running models; rate() of it is the busy fraction.";
+    busy_ratio: Gauge = "kiln_inference_busy_ratio", "gauge", [],
+        "Fraction of the last heartbeat period the inference thread spent running models \
+         (set by the heartbeat; stays 0 with heartbeat.enabled = false).";
+    model_load: GaugeVec = "kiln_model_load_seconds", "gauge", ["model"],
+        "Time to load (and warm up) each model at startup.";
+    model_info: IntGaugeVec = "kiln_model_info", "gauge (1)", ["model", "variant"],
+        "Always 1; each served model and the variant of it loaded (default, or e.g. fp16).";
+    decisions: IntCounterVec = "kiln_rate_limit_decisions_total", "counter", ["tier", "result"],
+        "Rate-limit decisions: admitted, rejected, deferred, too_costly, unavailable.";
+    fallback_active: IntGauge = "kiln_rate_limit_fallback_active", "gauge (0/1)", [],
+        "1 while Redis is unreachable and the outage policy (fail_open or fail_closed) decides.";
+    redis_errors: IntCounterVec = "kiln_redis_errors_total", "counter", ["reason"],
+        "Failed Redis calls of the limiter: error, timeout (decisions), release (returning a lease).";
+    broker_reconnects: IntCounter = "kiln_broker_reconnects_total", "counter", [],
+        "Times the broker connection was lost and the worker reconnected.";
+    queue_messages: IntGaugeVec = "kiln_queue_messages", "gauge", ["queue"],
+        "Messages ready in a queue (requests, dead_letter), as of the last heartbeat.";
+    heartbeats: IntCounterVec = "kiln_heartbeats_total", "counter", ["result"],
+        "Heartbeats published (ok) or not (failed).";
 }
 
-/// Register `collector` in `registry`; the names are constants, so a failure is a bug.
-fn registered<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
-    registry
-        .register(Box::new(collector.clone()))
-        .expect("metric names are unique and valid");
-    collector
-}
+/// The registry `/metrics` serves: this module's metrics and those other modules [`register`].
+static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
-impl Metrics {
-    fn new() -> Self {
-        let r = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            registered(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-            registered(&r, HistogramVec::new(opts, labels).unwrap())
-        };
-        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            registered(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
-        };
-        let metrics = Self {
-            build_info: int_gauge_vec(
-                "kiln_build_info",
-                "Always 1; the version of kiln running.",
-                &["version"],
-            ),
-            provider_info: int_gauge_vec(
-                "kiln_execution_provider_info",
-                "Always 1; the execution provider the models run on (cuda, cpu, cpu_fallback).",
-                &["provider"],
-            ),
-            ready: registered(
-                &r,
-                IntGauge::new(
-                    "kiln_ready",
-                    "1 when /readyz passes: consuming, models loaded, limiter usable.",
-                )
-                .unwrap(),
-            ),
-            requests: counter_vec(
-                "kiln_requests_total",
-                "Deliveries settled, by outcome: ok, an error code, deferred, dead_lettered, requeued, abandoned \
-                 (a deferred request counts again when it comes back).",
-                &["model", "tier", "outcome"],
-            ),
-            in_flight: registered(
-                &r,
-                IntGauge::new("kiln_requests_in_flight", "Deliveries being handled now.").unwrap(),
-            ),
-            queue_wait: histogram(
-                "kiln_request_queue_wait_seconds",
-                "Time from enqueueing (created_at or the AMQP timestamp) to the worker receiving the request.",
-                &["model", "tier"],
-                QUEUE_WAIT_BUCKETS,
-            ),
-            request_inference: histogram(
-                "kiln_request_inference_seconds",
-                "Time of the model run that rendered a request (successful requests).",
-                &["model", "tier"],
-                RUN_BUCKETS,
-            ),
-            request_duration: histogram(
-                "kiln_request_duration_seconds",
-                "Time from receiving a request to settling it with the broker (reply confirmed, acked).",
-                &["model", "tier"],
-                RUN_BUCKETS,
-            ),
-            expired: counter_vec(
-                "kiln_requests_expired_total",
-                "Requests whose deadline passed: on arrival (admission), after preparation (inference), or \
-                 before a deferral could end (deferral; answered rate_limited).",
-                &["stage"],
-            ),
-            deferrals: counter_vec(
-                "kiln_deferrals_total",
-                "Requests put in a delay queue, by the limit that deferred them.",
-                &["reason"],
-            ),
-            dead_letters: counter_vec(
-                "kiln_dead_letters_total",
-                "Requests this worker dead-lettered (rejected without requeue), by reason.",
-                &["reason"],
-            ),
-            batch_size: histogram(
-                "kiln_inference_batch_size",
-                "Images per model run.",
-                &["model"],
-                BATCH_BUCKETS,
-            ),
-            batch_duration: histogram(
-                "kiln_inference_batch_duration_seconds",
-                "Time of one model run (one batch).",
-                &["model"],
-                RUN_BUCKETS,
-            ),
-            images: counter_vec("kiln_inference_images_total", "Images the models rendered.", &["model"]),
-            busy: registered(
-                &r,
-                Counter::new(
-                    "kiln_inference_busy_seconds_total",
-                    "Time the inference thread spent running models; rate() of it is the busy fraction.",
-                )
-                .unwrap(),
-            ),
-            busy_ratio: registered(
-                &r,
-                Gauge::new(
-                    "kiln_inference_busy_ratio",
-                    "Fraction of the last heartbeat period the inference thread spent running models \
-                     (set by the heartbeat; stays 0 with heartbeat.enabled = false).",
-                )
-                .unwrap(),
-            ),
-            model_info: int_gauge_vec(
-                "kiln_model_info",
-                "Always 1; each served model and the variant of it loaded (default, or e.g. fp16).",
-                &["model", "variant"],
-            ),
-            model_load: registered(
-                &r,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_model_load_seconds",
-                        "Time to load (and warm up) each model at startup.",
-                    ),
-                    &["model"],
-                )
-                .unwrap(),
-            ),
-            decisions: counter_vec(
-                "kiln_rate_limit_decisions_total",
-                "Rate-limit decisions: admitted, rejected, deferred, too_costly, unavailable.",
-                &["tier", "result"],
-            ),
-            fallback_active: registered(
-                &r,
-                IntGauge::new(
-                    "kiln_rate_limit_fallback_active",
-                    "1 while Redis is unreachable and the outage policy (fail_open or fail_closed) decides.",
-                )
-                .unwrap(),
-            ),
-            redis_errors: counter_vec(
-                "kiln_redis_errors_total",
-                "Failed Redis calls of the limiter: error, timeout (decisions), release (returning a lease).",
-                &["reason"],
-            ),
-            broker_reconnects: registered(
-                &r,
-                IntCounter::new(
-                    "kiln_broker_reconnects_total",
-                    "Times the broker connection was lost and the worker reconnected.",
-                )
-                .unwrap(),
-            ),
-            queue_messages: int_gauge_vec(
-                "kiln_queue_messages",
-                "Messages ready in a queue (requests, dead_letter), as of the last heartbeat.",
-                &["queue"],
-            ),
-            heartbeats: counter_vec(
-                "kiln_heartbeats_total",
-                "Heartbeats published (ok) or not (failed).",
-                &["result"],
-            ),
-            registry: r,
-        };
-        metrics
-            .build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        metrics
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let metrics =
+        Metrics::register(|collector| REGISTRY.register(collector).expect("metric names are unique and valid"));
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    metrics
+});
+static IMAGES: AtomicU64 = AtomicU64::new(0);
+static QUEUE_WAIT_MAX: MaxSince = MaxSince::new();
+
+/// The largest of the values recorded since it was last taken, in microseconds (0: none).
+struct MaxSince(AtomicU64);
+
+impl MaxSince {
+    const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    fn record(&self, seconds: f64) {
+        self.0.fetch_max((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn take(&self) -> Option<f64> {
+        match self.0.swap(0, Ordering::Relaxed) {
+            0 => None,
+            micros => Some(micros as f64 / 1e6),
+        }
     }
 }
-
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-static IMAGES: AtomicU64 = AtomicU64::new(0);
-static QUEUE_WAIT_MAX_MICROS: AtomicU64 = AtomicU64::new(0);
 
 fn m() -> &'static Metrics {
     &METRICS
 }
 
 /// Register a collector of another module (the GPU gauges) in the registry `/metrics` serves.
-pub fn register<C: Collector + Clone + 'static>(collector: C) -> C {
-    registered(&m().registry, collector)
+pub fn register(collector: Box<dyn Collector>) {
+    LazyLock::force(&METRICS);
+    REGISTRY.register(collector).expect("metric names are unique and valid");
 }
 
 /// Everything, in the Prometheus text exposition format (version 0.0.4).
 pub fn render() -> String {
     let mut out = Vec::new();
     TextEncoder::new()
-        .encode(&m().registry.gather(), &mut out)
+        .encode(&gathered(), &mut out)
         .expect("encoding into a Vec cannot fail");
     String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// Every family with a series, this module's and the other modules' (see [`register`]).
+fn gathered() -> Vec<prometheus::proto::MetricFamily> {
+    LazyLock::force(&METRICS);
+    REGISTRY.gather()
 }
 
 /// The `Content-Type` of [`render`]'s output.
@@ -378,17 +398,24 @@ pub fn set_model_load_seconds(model: &str, seconds: f64) {
 
 /// A delivery started being handled; the returned guard counts it in flight until dropped.
 pub fn in_flight() -> InFlight {
-    m().in_flight.inc();
-    InFlight(())
+    InFlight::on(m().in_flight.clone())
 }
 
 /// Counts one delivery in `kiln_requests_in_flight` while it lives.
 #[derive(Debug)]
-pub struct InFlight(());
+pub struct InFlight(IntGauge);
+
+impl InFlight {
+    /// Count one in `gauge` until dropped.
+    fn on(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        m().in_flight.dec();
+        self.0.dec();
     }
 }
 
@@ -421,7 +448,7 @@ pub fn record_request(record: &RequestRecord<'_>) {
     metrics.requests.with_label_values(&[model, tier, record.outcome]).inc();
     if let Some(wait) = record.queue_wait {
         metrics.queue_wait.with_label_values(&[model, tier]).observe(wait);
-        QUEUE_WAIT_MAX_MICROS.fetch_max((wait * 1e6) as u64, Ordering::Relaxed);
+        QUEUE_WAIT_MAX.record(wait);
     }
     if let Some(seconds) = record.inference {
         metrics
@@ -437,10 +464,7 @@ pub fn record_request(record: &RequestRecord<'_>) {
 
 /// The longest queue wait recorded since the last call (seconds), or `None` if none was.
 pub fn take_max_queue_wait() -> Option<f64> {
-    match QUEUE_WAIT_MAX_MICROS.swap(0, Ordering::Relaxed) {
-        0 => None,
-        micros => Some(micros as f64 / 1e6),
-    }
+    QUEUE_WAIT_MAX.take()
 }
 
 /// A request's deadline passed at `stage` (`admission`, `inference`, `deferral`).
@@ -459,21 +483,9 @@ pub fn record_dead_letter(reason: &'static str) {
     m().dead_letters.with_label_values(&[reason]).inc();
 }
 
-/// A rate-limit decision, by tier and result.
-pub fn record_decision(decision: &Decision) {
-    let (tier, result) = match decision {
-        Decision::Admitted { info, .. } => (info.tier.as_str(), "admitted"),
-        Decision::Limited {
-            info,
-            policy: AtLimit::Reject,
-        } => (info.tier.as_str(), "rejected"),
-        Decision::Limited {
-            info,
-            policy: AtLimit::Defer,
-        } => (info.tier.as_str(), "deferred"),
-        Decision::TooCostly { tier, .. } => (tier.as_str(), "too_costly"),
-        Decision::Unavailable { .. } => (UNKNOWN, "unavailable"),
-    };
+/// A rate-limit decision: the user's tier (or [`UNKNOWN`]) and its result (`admitted`,
+/// `rejected`, `deferred`, `too_costly`, `unavailable`).
+pub fn record_rate_limit_decision(tier: &str, result: &str) {
     m().decisions.with_label_values(&[tier, result]).inc();
 }
 
@@ -502,105 +514,128 @@ pub fn record_heartbeat(result: &'static str) {
     m().heartbeats.with_label_values(&[result]).inc();
 }
 
+/// Check a [`declare_metrics!`] table against the collectors it made, in order: name, help, the
+/// documented type, buckets only on histograms, Prometheus naming.
+#[cfg(test)]
+pub(crate) fn assert_declarations(specs: &[Spec], collectors: &[&dyn Collector]) {
+    use prometheus::proto::MetricType;
+
+    assert_eq!(specs.len(), collectors.len());
+    for (spec, collector) in specs.iter().zip(collectors) {
+        let family = collector.collect().pop().expect("one family per collector");
+        assert_eq!(family.name(), spec.name);
+        assert_eq!(family.help(), spec.help, "{}", spec.name);
+        let kind = match family.get_field_type() {
+            MetricType::COUNTER => "counter",
+            MetricType::GAUGE => "gauge",
+            MetricType::HISTOGRAM => "histogram",
+            other => panic!("{}: {other:?} is not used here", spec.name),
+        };
+        assert!(spec.kind.starts_with(kind), "{}: {} is a {kind}", spec.name, spec.kind);
+        assert_eq!(spec.buckets.is_some(), kind == "histogram", "{}", spec.name);
+        assert_eq!(spec.name.ends_with("_total"), kind == "counter", "{}", spec.name);
+        assert!(spec.name.starts_with("kiln_"), "{}", spec.name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn everything_gathered_is_declared() {
-        observe_batch("unit-test-model", 1, 0.01);
-        for family in m().registry.gather() {
-            let name = family.name();
-            assert!(
-                METRIC_NAMES.contains(&name) || crate::gpu::METRIC_NAMES.contains(&name),
-                "{name} is registered but in no list of names"
-            );
-        }
-    }
-
-    fn descs() -> Vec<String> {
-        let metrics = m();
-        let collectors: Vec<&dyn Collector> = vec![
-            &metrics.build_info,
-            &metrics.provider_info,
-            &metrics.ready,
-            &metrics.requests,
-            &metrics.in_flight,
-            &metrics.queue_wait,
-            &metrics.request_inference,
-            &metrics.request_duration,
-            &metrics.expired,
-            &metrics.deferrals,
-            &metrics.dead_letters,
-            &metrics.batch_size,
-            &metrics.batch_duration,
-            &metrics.images,
-            &metrics.busy,
-            &metrics.busy_ratio,
-            &metrics.model_load,
-            &metrics.model_info,
-            &metrics.decisions,
-            &metrics.fallback_active,
-            &metrics.redis_errors,
-            &metrics.broker_reconnects,
-            &metrics.queue_messages,
-            &metrics.heartbeats,
-        ];
-        collectors
-            .iter()
-            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
-            .collect()
+    fn the_declarations_are_the_collectors() {
+        assert_declarations(SPECS, &m().collectors());
+        let names: Vec<&str> = SPECS.iter().map(|spec| spec.name).collect();
+        assert_eq!(names, METRIC_NAMES);
     }
 
     #[test]
-    fn the_declared_list_matches_the_collectors() {
-        let mut declared: Vec<&str> = METRIC_NAMES.to_vec();
-        let mut actual = descs();
-        declared.sort_unstable();
-        actual.sort_unstable();
-        assert_eq!(actual, declared);
+    fn a_spec_with_labels_for_a_scalar_is_refused() {
+        let spec = Spec {
+            name: "kiln_test_scalar",
+            kind: "gauge",
+            labels: &["model"],
+            help: "A test.",
+            buckets: None,
+        };
+        assert!(IntGauge::from_spec(&spec).is_err());
+        assert!(IntGaugeVec::from_spec(&spec).is_ok());
     }
 
     #[test]
     fn a_batch_adds_busy_time_images_and_one_observation() {
+        // A model label only this test uses: other tests in this process record batches too.
+        let model = "unit-test-model-a-batch";
         let before = usage();
-        observe_batch("unit-test-model", 3, 0.5);
+        observe_batch(model, 3, 0.5);
         let after = usage();
-        assert_eq!(after.images - before.images, 3);
-        assert!((after.busy_seconds - before.busy_seconds - 0.5).abs() < 1e-9);
+        assert!(after.images - before.images >= 3);
+        assert!(after.busy_seconds - before.busy_seconds >= 0.5 - 1e-9);
         let text = render();
         assert!(
-            text.contains("kiln_inference_batch_size_sum{model=\"unit-test-model\"} 3"),
+            text.contains(&format!("kiln_inference_batch_size_sum{{model=\"{model}\"}} 3\n")),
             "{text}"
         );
-        assert!(text.contains("kiln_inference_images_total{model=\"unit-test-model\"} 3"));
+        assert!(text.contains(&format!("kiln_inference_batch_size_count{{model=\"{model}\"}} 1\n")));
+        assert!(text.contains(&format!("kiln_inference_images_total{{model=\"{model}\"}} 3\n")));
+        assert_eq!(m().batch_duration.with_label_values(&[model]).get_sample_sum(), 0.5);
     }
 
     #[test]
     fn the_in_flight_gauge_follows_its_guards() {
-        let start = requests_in_flight();
-        let a = in_flight();
-        let b = in_flight();
-        assert_eq!(requests_in_flight(), start + 2);
+        let gauge = IntGauge::new("kiln_test_in_flight", "A test.").unwrap();
+        let a = InFlight::on(gauge.clone());
+        let b = InFlight::on(gauge.clone());
+        assert_eq!(gauge.get(), 2);
         drop(a);
+        assert_eq!(gauge.get(), 1);
         drop(b);
-        assert_eq!(requests_in_flight(), start);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]
     fn the_max_queue_wait_is_taken_once() {
-        let _ = take_max_queue_wait();
+        let max = MaxSince::new();
+        assert_eq!(max.take(), None);
         for wait in [0.25, 1.5, 0.75] {
-            record_request(&RequestRecord {
-                model: UNKNOWN,
-                tier: UNKNOWN,
-                outcome: "ok",
-                queue_wait: Some(wait),
-                inference: None,
-                duration: 0.1,
-            });
+            max.record(wait);
         }
-        assert_eq!(take_max_queue_wait(), Some(1.5));
-        assert_eq!(take_max_queue_wait(), None);
+        assert_eq!(max.take(), Some(1.5));
+        assert_eq!(max.take(), None);
+    }
+
+    #[test]
+    fn a_request_is_counted_under_its_labels() {
+        let (model, tier) = ("unit-test-model-a-request", "unit-test-tier");
+        record_request(&RequestRecord {
+            model,
+            tier,
+            outcome: "ok",
+            queue_wait: Some(0.25),
+            inference: Some(0.125),
+            duration: 0.5,
+        });
+        let metrics = m();
+        assert_eq!(metrics.requests.with_label_values(&[model, tier, "ok"]).get(), 1);
+        let labels = [model, tier];
+        assert_eq!(metrics.queue_wait.with_label_values(&labels).get_sample_sum(), 0.25);
+        assert_eq!(
+            metrics.request_inference.with_label_values(&labels).get_sample_sum(),
+            0.125
+        );
+        assert_eq!(
+            metrics.request_duration.with_label_values(&labels).get_sample_count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_decision_is_counted_under_its_tier_and_result() {
+        let tier = "unit-test-tier-decisions";
+        record_rate_limit_decision(tier, "admitted");
+        record_rate_limit_decision(tier, "admitted");
+        record_rate_limit_decision(tier, "deferred");
+        let count = |result: &str| m().decisions.with_label_values(&[tier, result]).get();
+        assert_eq!((count("admitted"), count("deferred"), count("rejected")), (2, 1, 0));
     }
 }

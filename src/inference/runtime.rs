@@ -6,6 +6,9 @@
 //! operator allowed it with `fallback = "cpu"`, and then it says so loudly.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use ort::environment::Environment;
 
 use ort::ep::{self, ExecutionProvider as _};
 use ort::session::Session;
@@ -90,9 +93,41 @@ impl ActiveProvider {
     }
 }
 
+/// ONNX Runtime allows one environment per process, and `load-dynamic` one library: every
+/// [`Runtime`] in a process shares the first environment (tests build many applications in one
+/// process; a worker builds one).
+static ENVIRONMENT: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
+
+/// The process's ONNX Runtime environment, loading the library at `path` the first time. A later
+/// call with another library is an error: it cannot be loaded beside the first.
+pub fn environment(path: &Path) -> Result<Environment, StartupError> {
+    let load_error = |reason: String| StartupError::LibraryLoad {
+        path: path.to_owned(),
+        reason,
+    };
+    let wanted = path.canonicalize().map_err(|e| load_error(e.to_string()))?;
+    let mut shared = ENVIRONMENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((loaded, environment)) = shared.as_ref() {
+        return match *loaded == wanted {
+            true => Ok(environment.clone()),
+            false => Err(load_error(format!(
+                "this process already runs ONNX Runtime from {}; one library per process",
+                loaded.display()
+            ))),
+        };
+    }
+    let environment = ort::init_from(&wanted)
+        .map_err(|e| load_error(e.to_string()))?
+        .with_name("kiln")
+        .build()
+        .map_err(|e| load_error(e.to_string()))?;
+    *shared = Some((wanted, environment.clone()));
+    Ok(environment)
+}
+
 /// A loaded ONNX Runtime with a decided execution provider; makes sessions.
 pub struct Runtime {
-    environment: ort::environment::Environment,
+    environment: Environment,
     provider: ActiveProvider,
     settings: InferenceSettings,
 }
@@ -117,15 +152,7 @@ impl Runtime {
             };
             return Err(StartupError::LibraryMissing { path, flavor, package });
         }
-        let load_error = |reason: String| StartupError::LibraryLoad {
-            path: path.clone(),
-            reason,
-        };
-        let environment = ort::init_from(&path)
-            .map_err(|e| load_error(e.to_string()))?
-            .with_name("kiln")
-            .build()
-            .map_err(|e| load_error(e.to_string()))?;
+        let environment = environment(&path)?;
 
         let mut runtime = Self {
             environment,

@@ -97,6 +97,26 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// The user's tier (`unknown` when Redis could not say) and the result, as metrics label
+    /// them: `admitted`, `rejected`, `deferred`, `too_costly`, `unavailable`.
+    pub fn label(&self) -> (&str, &'static str) {
+        match self {
+            Decision::Admitted { info, .. } => (info.tier.as_str(), "admitted"),
+            Decision::Limited {
+                info,
+                policy: AtLimit::Reject,
+            } => (info.tier.as_str(), "rejected"),
+            Decision::Limited {
+                info,
+                policy: AtLimit::Defer,
+            } => (info.tier.as_str(), "deferred"),
+            Decision::TooCostly { tier, .. } => (tier.as_str(), "too_costly"),
+            Decision::Unavailable { .. } => (crate::metrics::UNKNOWN, "unavailable"),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Health {
     down_since: Option<Instant>,
@@ -140,7 +160,8 @@ impl Limiter {
     /// Decide for `user` asking for `cost` units; `lease_id` (the request id) names the lease.
     pub async fn decide(&self, user: &str, cost: u64, lease_id: &str) -> Decision {
         let decision = self.decide_uncounted(user, cost, lease_id).await;
-        crate::metrics::record_decision(&decision);
+        let (tier, result) = decision.label();
+        crate::metrics::record_rate_limit_decision(tier, result);
         decision
     }
 
@@ -269,4 +290,51 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(tier: &str) -> LimitInfo {
+        LimitInfo {
+            scope: Scope::Rate,
+            tier: tier.into(),
+            limit: 10,
+            remaining: 0,
+            reset_ms: 1_000,
+            retry_after_ms: 100,
+        }
+    }
+
+    #[test]
+    fn each_decision_has_its_metric_label() {
+        let lease = Lease {
+            user: "u".into(),
+            id: "r".into(),
+            local: false,
+        };
+        let labelled = |decision: Decision| {
+            let (tier, result) = decision.label();
+            (tier.to_owned(), result)
+        };
+        let admitted = Decision::Admitted {
+            lease,
+            info: info("pro"),
+        };
+        assert_eq!(labelled(admitted), ("pro".into(), "admitted"));
+        let limited = |policy| Decision::Limited {
+            info: info("free"),
+            policy,
+        };
+        assert_eq!(labelled(limited(AtLimit::Reject)), ("free".into(), "rejected"));
+        assert_eq!(labelled(limited(AtLimit::Defer)), ("free".into(), "deferred"));
+        let too_costly = Decision::TooCostly {
+            tier: "plus".into(),
+            max_units: 4,
+        };
+        assert_eq!(labelled(too_costly), ("plus".into(), "too_costly"));
+        let unavailable = Decision::Unavailable { retry_after_ms: 1_000 };
+        assert_eq!(labelled(unavailable), ("unknown".into(), "unavailable"));
+    }
 }

@@ -5,7 +5,7 @@ use kiln::configuration::{ExecutionProviderKind, Fallback};
 use kiln::inference::ActiveProvider;
 use kiln::startup::Application;
 
-use crate::helpers::{repo, test_settings, WorkerProcess};
+use crate::helpers::{repo, shared_metrics_blocking, test_settings, WorkerProcess};
 
 #[test]
 fn cuda_requested_but_unavailable_is_a_startup_error_not_a_silent_cpu_fallback() {
@@ -31,6 +31,7 @@ fn a_cpu_fallback_runs_only_when_allowed() {
     settings.inference.execution_provider = ExecutionProviderKind::Cuda;
     settings.inference.fallback = Fallback::Cpu;
     settings.inference.runtime_library = Some(repo().join("runtime/onnxruntime-1.31.1-cpu/libonnxruntime.so.1.31.1"));
+    let _metrics = shared_metrics_blocking();
     let app = Application::build(settings).expect("fallback = cpu lets it start");
     assert_eq!(app.provider(), ActiveProvider::CpuFallback);
 }
@@ -80,7 +81,7 @@ async fn the_binary_exits_with_the_reason_and_logs_a_fallback_loudly() {
         "model loaded and worker ready both say so"
     );
     drop(fallback);
-    crate::helpers::delete_topology(&settings.topology()).await;
+    crate::helpers::cleanup(&settings).await;
 }
 
 #[test]

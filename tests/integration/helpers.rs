@@ -1,11 +1,13 @@
 //! Test harness: real RabbitMQ on localhost, real ONNX Runtime, a unique topology prefix per test
 //! so tests run in parallel and clean up after themselves.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln::amqp::Topology;
@@ -17,7 +19,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::SecretString;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use tokio::task::JoinHandle;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -71,6 +73,40 @@ fn init_logs() {
         .try_init();
 }
 
+/// Workers in this process share its metrics (process-wide statics). A test that asserts exact
+/// process-wide values (an unlabelled gauge, a total over every model) runs its worker *alone*:
+/// it holds this lock for writing, every other in-process worker (and engine) for reading. Under
+/// nextest (one process per test) nobody ever waits; under `cargo test` (one process, tests in
+/// threads) those tests wait for the others and the others for them.
+static PROCESS_METRICS: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
+
+/// A share of the process's metrics (see [`PROCESS_METRICS`]), held while it lives.
+#[derive(Debug)]
+pub enum MetricsShare {
+    /// Others record too.
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
+    /// Nobody else records in this process.
+    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+}
+
+/// Record metrics in this process alongside other tests (any in-process worker or engine).
+pub async fn shared_metrics() -> MetricsShare {
+    MetricsShare::Shared(Arc::clone(&PROCESS_METRICS).read_owned().await)
+}
+
+/// [`shared_metrics`] for a test without a runtime.
+pub fn shared_metrics_blocking() -> MetricsShare {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(shared_metrics())
+}
+
+/// Be the only test recording metrics in this process (for exact process-wide values).
+pub async fn alone_with_metrics() -> MetricsShare {
+    MetricsShare::Alone(Arc::clone(&PROCESS_METRICS).write_owned().await)
+}
+
 /// A worker running inside the test process.
 pub struct TestApp {
     /// Its settings.
@@ -81,6 +117,7 @@ pub struct TestApp {
     pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    _metrics: MetricsShare,
 }
 
 /// Build and start a worker with test settings.
@@ -97,9 +134,29 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
     app
 }
 
+/// [`spawn_app_with`], the only worker recording metrics in this process while it lives (for
+/// tests of exact process-wide values; see [`PROCESS_METRICS`]).
+pub async fn spawn_app_alone_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings();
+    customize(&mut settings);
+    let alone = alone_with_metrics().await;
+    let app = TestApp::start_with(settings, alone).await;
+    app.wait_until_consuming().await;
+    app
+}
+
 impl TestApp {
     /// Start a worker with exactly these settings (it may still be connecting when this returns).
     pub async fn start(settings: Settings) -> Self {
+        Self::start_with(settings, shared_metrics().await).await
+    }
+
+    /// [`TestApp::start`], the only worker recording metrics in this process while it lives.
+    pub async fn start_alone(settings: Settings) -> Self {
+        Self::start_with(settings, alone_with_metrics().await).await
+    }
+
+    async fn start_with(settings: Settings, metrics: MetricsShare) -> Self {
         let topology = settings.topology();
         let build_settings = settings.clone();
         let app = tokio::task::spawn_blocking(move || Application::build(build_settings))
@@ -117,6 +174,7 @@ impl TestApp {
             http_addr,
             shutdown: Some(tx),
             task: Some(task),
+            _metrics: metrics,
         }
     }
 
@@ -161,8 +219,7 @@ impl TestApp {
     /// Stop the worker and delete its queues and exchanges.
     pub async fn stop(mut self) {
         self.shutdown().await;
-        delete_topology(&self.topology).await;
-        delete_heartbeat_exchange(&self.settings.amqp.topology.prefix).await;
+        cleanup(&self.settings).await;
     }
 }
 
@@ -170,17 +227,13 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         // A failed test does not reach stop(): delete the queues from a thread of our own.
         if self.shutdown.is_some() {
-            let topology = self.topology.clone();
-            let prefix = self.settings.amqp.topology.prefix.clone();
+            let settings = self.settings.clone();
             let _ = std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .unwrap()
-                    .block_on(async {
-                        delete_topology(&topology).await;
-                        delete_heartbeat_exchange(&prefix).await;
-                    });
+                    .block_on(cleanup(&settings));
             })
             .join();
         }
@@ -245,18 +298,51 @@ pub async fn ready_messages(queue: &str) -> u32 {
         .message_count()
 }
 
-/// Delete everything a worker with this topology declared.
-pub async fn delete_topology(topology: &Topology) {
-    topology.delete(&admin_channel().await).await;
-}
-
-/// Delete the heartbeat exchange of a topology prefix (workers declare it when heartbeats are on).
-pub async fn delete_heartbeat_exchange(prefix: &str) {
-    let exchange = kiln::observability::heartbeat::exchange_name(prefix);
-    let _ = admin_channel()
-        .await
+/// Delete every queue and exchange a worker with these settings, or any test using its prefix,
+/// may have declared: the topology with the tiers of these settings and the default ones (a
+/// worker process started with the default tiers declares their queues too), and the heartbeat
+/// exchange. What is not there is skipped.
+pub async fn cleanup(settings: &Settings) {
+    let defaults = Settings::default().rate_limit.tiers;
+    let tiers: BTreeSet<&str> = settings
+        .rate_limit
+        .tiers
+        .keys()
+        .chain(defaults.keys())
+        .map(String::as_str)
+        .collect();
+    let channel = admin_channel().await;
+    Topology::with_tiers(&settings.amqp.topology, tiers)
+        .delete(&channel)
+        .await;
+    let exchange = kiln::observability::heartbeat::exchange_name(&settings.amqp.topology.prefix);
+    let _ = channel
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
+}
+
+/// How often [`poll_until`] tries again.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// `future`'s output; panics naming `what` if it takes longer than `timeout`.
+pub async fn within<T>(what: &str, timeout: Duration, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(timeout, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {timeout:?}"))
+}
+
+/// Call `attempt` (every 50 ms) until it returns a value; panics naming `what` after `timeout`,
+/// also when one attempt hangs.
+pub async fn poll_until<T>(what: &str, timeout: Duration, mut attempt: impl AsyncFnMut() -> Option<T>) -> T {
+    within(what, timeout, async {
+        loop {
+            if let Some(value) = attempt().await {
+                return value;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    })
+    .await
 }
 
 /// A valid request for the default model.

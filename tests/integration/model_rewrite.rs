@@ -15,10 +15,9 @@ fn session(env: &ort::environment::Environment, file: &str) -> Session {
 
 #[test]
 fn a_mixed_style_batch_matches_the_original_model_run_one_by_one() {
-    let env = ort::init_from(repo().join("runtime/onnxruntime-1.31.1-cpu/libonnxruntime.so.1.31.1"))
-        .unwrap()
-        .build()
-        .unwrap();
+    let env =
+        kiln::inference::runtime::environment(&repo().join("runtime/onnxruntime-1.31.1-cpu/libonnxruntime.so.1.31.1"))
+            .unwrap();
     let mut original = session(&env, "multistyle26.onnx");
     let mut batched = session(&env, "multistyle26-batched.onnx");
 

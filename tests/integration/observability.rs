@@ -21,8 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::consume;
 use crate::helpers::{
-    admin_channel, exclusive_queue, free_port, read, repo, request, spawn_app_with, test_settings, TcpProxy, TestApp,
-    WorkerProcess, REPLY_TIMEOUT,
+    admin_channel, exclusive_queue, free_port, read, repo, request, spawn_app_alone_with, spawn_app_with,
+    test_settings, within, TcpProxy, TestApp, WorkerProcess, REPLY_TIMEOUT,
 };
 
 /// One `GET` over HTTP/1.0 (the server closes the connection after the body): status and body.
@@ -154,7 +154,7 @@ fn no_gpu_here() -> bool {
 
 #[tokio::test]
 async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_say() {
-    let app = spawn_app_with(one_model).await;
+    let app = spawn_app_alone_with(one_model).await;
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
     for style in [3, 5] {
@@ -356,7 +356,7 @@ impl Drop for Prometheus {
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_worker_evaluates_the_alert_rules_and_runs_the_dashboard_queries() {
-    let app = spawn_app_with(one_model).await;
+    let app = spawn_app_alone_with(one_model).await;
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
     let reply = producer
@@ -437,7 +437,7 @@ fn heartbeat_schema() -> jsonschema::Validator {
 
 #[tokio::test]
 async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
-    let mut app = spawn_app_with(|s| {
+    let mut app = spawn_app_alone_with(|s| {
         one_model(s);
         s.heartbeat.enabled = true;
         s.heartbeat.interval_ms = 200;
@@ -473,13 +473,16 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
     let schema = heartbeat_schema();
 
     // Beats made before the worker recorded that it consumes may still say `starting`.
-    let (beat, delivery) = loop {
-        let (beat, delivery) = next_heartbeat(&mut consumer).await;
-        if beat["state"] == "serving" {
-            break (beat, delivery);
+    let (beat, delivery) = within("a serving heartbeat", REPLY_TIMEOUT, async {
+        loop {
+            let (beat, delivery) = next_heartbeat(&mut consumer).await;
+            if beat["state"] == "serving" {
+                break (beat, delivery);
+            }
+            assert_eq!(beat["state"], "starting", "{beat}");
         }
-        assert_eq!(beat["state"], "starting", "{beat}");
-    };
+    })
+    .await;
     let errors: Vec<String> = schema.iter_errors(&beat).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "{beat}: {errors:?}");
     assert_eq!(delivery.routing_key.as_str(), "worker.test-worker");
@@ -518,12 +521,15 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
         .await
         .unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok);
-    let beat = loop {
-        let (beat, _) = next_heartbeat(&mut consumer).await;
-        if beat["images_rendered"] == 1 {
-            break beat;
+    let beat = within("a heartbeat counting the image", REPLY_TIMEOUT, async {
+        loop {
+            let (beat, _) = next_heartbeat(&mut consumer).await;
+            if beat["images_rendered"] == 1 {
+                break beat;
+            }
         }
-    };
+    })
+    .await;
     assert!(schema.is_valid(&beat), "{beat}");
     // Capacity is measured: one image per the busy time the metrics recorded for it.
     let busy = scrape(app.http_addr)
@@ -544,12 +550,15 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
 
     producer.close().await;
     app.shutdown().await;
-    let last = loop {
-        let (beat, _) = next_heartbeat(&mut consumer).await;
-        if beat["state"] != "serving" {
-            break beat;
+    let last = within("a heartbeat after serving", REPLY_TIMEOUT, async {
+        loop {
+            let (beat, _) = next_heartbeat(&mut consumer).await;
+            if beat["state"] != "serving" {
+                break beat;
+            }
         }
-    };
+    })
+    .await;
     assert_eq!(last["state"], "stopping", "{last}");
     assert_eq!(last["ready"], false);
     assert!(schema.is_valid(&last), "{last}");
@@ -582,7 +591,7 @@ async fn readyz_is_503_until_the_worker_consumes_and_while_the_broker_is_gone() 
     let mut settings = test_settings();
     one_model(&mut settings);
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f").into();
-    let app = TestApp::start(settings).await;
+    let app = TestApp::start_alone(settings).await;
 
     // No broker yet: alive, not ready, and the body says which check fails.
     let (status, report) = readyz(&app).await;
@@ -728,7 +737,7 @@ async fn the_json_log_of_a_request_carries_its_trace_and_the_reply_continues_it(
     assert!(span["request_id"].is_string());
     worker.terminate();
     assert!(worker.wait_exit(REPLY_TIMEOUT).await.success());
-    crate::helpers::delete_topology(&topology).await;
+    crate::helpers::cleanup(&settings).await;
 }
 
 /// Metric names in PromQL text: every `kiln_…` identifier.
@@ -775,7 +784,7 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     // A worker that goes through every path once: limits on with Redis unreachable (fail_open:
     // errors, the fallback, local decisions), a deferral, an expiry, a dead letter, heartbeats.
     let redis_port = free_port();
-    let app = spawn_app_with(|s| {
+    let app = spawn_app_alone_with(|s| {
         one_model(s);
         s.heartbeat.enabled = true;
         s.heartbeat.interval_ms = 200;

@@ -8,18 +8,14 @@ use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 
 use crate::helpers::{
-    admin_channel, delete_topology, free_port, read, ready_messages, request, test_settings, TcpProxy, TestApp,
+    admin_channel, cleanup, free_port, poll_until, read, ready_messages, request, test_settings, TcpProxy, TestApp,
     WorkerProcess, REPLY_TIMEOUT,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn wait_for(what: &str, timeout: Duration, mut condition: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !condition().await {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(what, timeout, async || condition().await.then_some(())).await
 }
 
 /// The first `x-death` entry's reason, and the message body, of the one message in `queue`.
@@ -157,7 +153,7 @@ async fn a_message_that_keeps_crashing_workers_ends_in_the_dead_letter_queue() {
     let (reason, body) = dead_letter(&topology.dead_letter_queue).await;
     assert_eq!(reason, "delivery_limit");
     assert_eq!(body, serde_json::to_vec(&req).unwrap(), "the request itself is kept");
-    delete_topology(&topology).await;
+    cleanup(&settings).await;
 }
 
 #[tokio::test]
@@ -245,7 +241,7 @@ async fn the_worker_retries_an_unreachable_broker_and_reconnects_after_losing_it
     producer.close().await;
     drop(worker);
     drop(proxy);
-    delete_topology(&topology).await;
+    cleanup(&settings).await;
 }
 
 #[tokio::test]
@@ -294,7 +290,7 @@ async fn on_sigterm_the_worker_finishes_what_it_holds_and_exits_cleanly() {
         "nothing returned to the queue"
     );
     producer.close().await;
-    delete_topology(&topology).await;
+    cleanup(&settings).await;
 }
 
 #[tokio::test]
@@ -398,5 +394,5 @@ async fn under_load_a_terminated_worker_drains_and_the_fleet_loses_and_repeats_n
     }
     shared.close().await;
     pro.close().await;
-    delete_topology(&topology).await;
+    cleanup(&settings).await;
 }

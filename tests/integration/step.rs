@@ -8,7 +8,10 @@ use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 
-use crate::helpers::{admin_channel, delete_topology, exclusive_queue, read, request, test_settings, AMQP_URL};
+use crate::helpers::{
+    admin_channel, cleanup, exclusive_queue, poll_until, read, request, shared_metrics, test_settings, AMQP_URL,
+    REPLY_TIMEOUT,
+};
 
 async fn publish_and_take(channel: &Channel, queue: &str, body: Vec<u8>, reply_to: &str) -> lapin::message::Delivery {
     channel
@@ -23,16 +26,14 @@ async fn publish_and_take(channel: &Channel, queue: &str, body: Vec<u8>, reply_t
         .unwrap()
         .await
         .unwrap();
-    loop {
-        if let Some(message) = channel
+    poll_until("the published request", REPLY_TIMEOUT, async || {
+        channel
             .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .unwrap()
-        {
-            return message.delivery;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+            .map(|message| message.delivery)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -42,6 +43,7 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     settings.models.warmup = false;
     settings.worker.cpu_threads = 1;
     settings.worker.id = Some("step-worker".into());
+    let _metrics = shared_metrics().await;
     let app = Application::build(settings.clone()).unwrap();
     let services = app.services();
     let topology = settings.topology();
@@ -98,16 +100,14 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     };
     assert_eq!(count(replies).await, 2);
     // The quorum queue dead-letters asynchronously after the reject.
-    let started = std::time::Instant::now();
-    while count(&topology.dead_letter_queue).await != 1 {
-        assert!(
-            started.elapsed().as_secs() < 30,
-            "the rejected request never reached the dead-letter queue"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    poll_until(
+        "the rejected request in the dead-letter queue",
+        REPLY_TIMEOUT,
+        async || (count(&topology.dead_letter_queue).await == 1).then_some(()),
+    )
+    .await;
     drop(worker);
     let _ = connection.close(200, "done".into()).await;
     drop(app);
-    delete_topology(&topology).await;
+    cleanup(&settings).await;
 }
