@@ -26,7 +26,7 @@ pub mod settings;
 pub mod tensor_io;
 
 pub use batcher::{BatchKey, BatchLimits};
-pub use engine::{EngineOptions, EngineSnapshot, InferenceEngine, InferenceError, InferenceHandle, JobOptions};
+pub use engine::{EngineOptions, InferenceEngine, InferenceError, InferenceHandle, JobOptions};
 pub use finish::Finish;
 pub use manifest::Manifest;
 pub use pipeline::{ModelInput, Pipeline, Prepared, Runner};

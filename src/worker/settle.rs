@@ -71,13 +71,11 @@ impl From<InferenceError> for Failure {
     fn from(error: InferenceError) -> Self {
         match error {
             InferenceError::Unavailable => Self::Worker("the inference thread is not running"),
-            InferenceError::Expired(late) => {
-                crate::metrics::record_expired("batcher");
-                Self::Request(RequestError::new(
-                    ErrorCode::Expired,
-                    format!("the deadline passed {late:.3} s before the device was free"),
-                ))
-            }
+            // Counted (stage `batcher`) by the inference thread, where it expired.
+            InferenceError::Expired(late) => Self::Request(RequestError::new(
+                ErrorCode::Expired,
+                format!("the deadline passed {late:.3} s before the device was free"),
+            )),
             InferenceError::Failed(message) => Self::Request(RequestError::new(ErrorCode::InferenceFailed, message)),
         }
     }

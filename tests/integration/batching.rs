@@ -10,8 +10,8 @@ use kiln::domain::{ErrorCode, GenerationRequest, ReplyStatus, WireStyle};
 use kiln::inference::{InferenceEngine, InferenceError, JobOptions, ModelRegistry, Runtime};
 
 use crate::helpers::{
-    decode_png, psnr, read, ready_messages, request, shared_metrics, spawn_app_with, test_settings, within,
-    REPLY_TIMEOUT,
+    alone_with_metrics, decode_png, psnr, read, ready_messages, request, shared_metrics, spawn_app_with, test_settings,
+    within, REPLY_TIMEOUT,
 };
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -173,7 +173,9 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
         batch_limits: Default::default(),
         default_batch_limits: settings.batching.limits("multistyle26", false),
     };
-    let _metrics = shared_metrics().await;
+    // The device's counts are the process's metrics: no other engine may render meanwhile.
+    let _metrics = alone_with_metrics().await;
+    let before = (kiln::metrics::usage().images, batcher_expiries());
     let engine = InferenceEngine::start(&registry, runtime, options).unwrap();
     let handle = engine.handle();
     let photo = read("samples/astronaut.jpg");
@@ -211,8 +213,13 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
     let result = handle.infer("multistyle26", prepare(&small), late).await;
     assert!(matches!(result, Err(InferenceError::Expired(_))), "{result:?}");
     busy.await.unwrap().unwrap();
-    let stats = handle.stats();
-    assert_eq!((stats.images, stats.expired), (1, 1), "{stats:?}");
+    let after = (kiln::metrics::usage().images, batcher_expiries());
+    let stats = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(
+        (stats.0, stats.1),
+        (1, 1),
+        "images rendered, expired in the batcher: {stats:?}"
+    );
     drop(handle);
     engine.join();
 }
@@ -354,4 +361,12 @@ async fn an_overloaded_worker_defers_the_free_tier_and_degrades_plus() {
     assert!(reply.document.degraded.is_none());
     assert_eq!(reply.document.image.as_ref().unwrap().width, 256);
     app.stop().await;
+}
+
+/// `kiln_requests_expired_total{stage="batcher"}` as the process's metrics say now.
+fn batcher_expiries() -> u64 {
+    kiln::metrics::render()
+        .lines()
+        .find_map(|line| line.strip_prefix("kiln_requests_expired_total{stage=\"batcher\"} "))
+        .map_or(0, |value| value.trim().parse::<f64>().unwrap() as u64)
 }

@@ -17,8 +17,6 @@ mod load;
 mod serve;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -69,50 +67,11 @@ pub struct JobOptions {
     pub deadline: Option<Instant>,
 }
 
-/// Counters kept by the inference thread, readable from anywhere.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    busy_nanos: AtomicU64,
-    batches: AtomicU64,
-    images: AtomicU64,
-    expired: AtomicU64,
-    waiting: AtomicU64,
-}
-
-/// A reading of [`EngineStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineSnapshot {
-    /// Total time spent running models.
-    pub busy: Duration,
-    /// Model runs (batches).
-    pub batches: u64,
-    /// Requests rendered.
-    pub images: u64,
-    /// Requests answered `expired` by the batcher.
-    pub expired: u64,
-    /// Requests waiting in the batcher right now.
-    pub waiting: u64,
-}
-
-impl EngineStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> EngineSnapshot {
-        EngineSnapshot {
-            busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
-            batches: self.batches.load(Ordering::Relaxed),
-            images: self.images.load(Ordering::Relaxed),
-            expired: self.expired.load(Ordering::Relaxed),
-            waiting: self.waiting.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// Sends work to the inference thread. Cheap to clone; the thread stops when every clone is gone.
 #[derive(Debug, Clone)]
 pub struct InferenceHandle {
     jobs: mpsc::Sender<Job>,
     provider: ActiveProvider,
-    stats: Arc<EngineStats>,
 }
 
 impl InferenceHandle {
@@ -135,11 +94,6 @@ impl InferenceHandle {
     /// The execution provider the models run on.
     pub fn provider(&self) -> ActiveProvider {
         self.provider
-    }
-
-    /// Busy time, batches and images so far.
-    pub fn stats(&self) -> EngineSnapshot {
-        self.stats.snapshot()
     }
 }
 
@@ -174,8 +128,6 @@ impl InferenceEngine {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let manifests: Vec<Manifest> = registry.iter().map(|m| Manifest::clone(m)).collect();
         let provider = runtime.provider();
-        let stats = Arc::new(EngineStats::default());
-        let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("kiln-inference".into())
             .spawn(move || {
@@ -189,7 +141,7 @@ impl InferenceEngine {
                 match runners {
                     Ok(runners) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve(runners, batcher, queue, &thread_stats);
+                        serve(runners, batcher, queue);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -202,7 +154,7 @@ impl InferenceEngine {
             .recv()
             .context("the inference thread died while loading models")??;
         Ok(Self {
-            handle: InferenceHandle { jobs, provider, stats },
+            handle: InferenceHandle { jobs, provider },
             thread,
         })
     }

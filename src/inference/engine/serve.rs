@@ -2,13 +2,12 @@
 //! answer each job through its oneshot.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::load::Runners;
-use super::{EngineStats, InferenceError, Inferred, JobOptions};
+use super::{InferenceError, Inferred, JobOptions};
 use crate::inference::batcher::{BatchKey, Batchable, Batcher, Next};
 use crate::inference::pipeline::{ModelInput, Runner};
 
@@ -41,12 +40,7 @@ impl Batchable for Job {
 }
 
 /// The thread's loop: take in requests, expire the late, run the next batch, answer each request.
-pub(super) fn serve(
-    mut runners: Runners,
-    mut batcher: Batcher<Job>,
-    mut queue: mpsc::Receiver<Job>,
-    stats: &EngineStats,
-) {
+pub(super) fn serve(mut runners: Runners, mut batcher: Batcher<Job>, mut queue: mpsc::Receiver<Job>) {
     // Waiting for a request *or* a batch's delay to pass needs a timer: a small runtime of its own.
     let timer = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -60,12 +54,11 @@ pub(super) fn serve(
         let now = Instant::now();
         for job in batcher.take_expired(now) {
             let late = job.options.deadline.map_or(0.0, |d| (now - d).as_secs_f64());
-            stats.expired.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::record_expired("batcher");
             let _ = job.reply.send(Err(InferenceError::Expired(late)));
         }
-        stats.waiting.store(batcher.len() as u64, Ordering::Relaxed);
         match batcher.next(now, !open) {
-            Next::Run(batch) => run_batch(&mut runners, batch, stats),
+            Next::Run(batch) => run_batch(&mut runners, batch),
             Next::WaitUntil(at) => {
                 let wait = at.saturating_duration_since(now);
                 match timer.block_on(async { tokio::time::timeout(wait, queue.recv()).await }) {
@@ -85,7 +78,7 @@ pub(super) fn serve(
 
 /// Run one batch and answer every request in it. A failed batch is retried one request at a time,
 /// so one bad input fails alone.
-fn run_batch(runners: &mut Runners, batch: Vec<Job>, stats: &EngineStats) {
+fn run_batch(runners: &mut Runners, batch: Vec<Job>) {
     let started = Instant::now();
     let size = batch.len();
     let model = batch[0].model.clone();
@@ -97,11 +90,8 @@ fn run_batch(runners: &mut Runners, batch: Vec<Job>, stats: &EngineStats) {
         Some(runner) => run_guarded(runner.as_mut(), &inputs),
     };
     let elapsed = started.elapsed();
-    stats.busy_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-    stats.batches.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(outputs) => {
-            stats.images.fetch_add(size as u64, Ordering::Relaxed);
             crate::metrics::observe_batch(&model, size, elapsed.as_secs_f64());
             for (job, output) in batch.into_iter().zip(outputs) {
                 let inferred = Inferred {
@@ -123,7 +113,7 @@ fn run_batch(runners: &mut Runners, batch: Vec<Job>, stats: &EngineStats) {
         Err(error) => {
             tracing::warn!(error = %error, size, "a batch failed; running its requests one by one");
             for job in batch {
-                run_batch(runners, vec![job], stats);
+                run_batch(runners, vec![job]);
             }
         }
     }
