@@ -7,8 +7,9 @@
 //!
 //! Each section is declared by the module it configures (`amqp::settings`, `inference::settings`,
 //! `rate_limit::settings`, `scheduling`, `observability::settings`, `worker::settings`,
-//! `telemetry`); this file only composes them, loads them, and validates them once
-//! ([`Settings::load`]). Modules take their own section, never the whole `Settings`.
+//! `telemetry`); this file only composes them, loads them, and validates them
+//! ([`Settings::validate`], called once by what consumes them). Modules take their own section,
+//! never the whole `Settings`.
 
 use std::path::Path;
 
@@ -84,20 +85,18 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("models.enabled")
             .source(env);
-        let settings: Self = builder
+        builder
             .add_source(env_source)
             .build()
             .and_then(|c| c.try_deserialize())
             .with_context(|| match file {
                 Some(path) => format!("invalid settings (file {}, KILN_* environment)", path.display()),
                 None => "invalid settings (KILN_* environment)".to_owned(),
-            })?;
-        settings.validate()?;
-        Ok(settings)
+            })
     }
 
-    /// The checks across fields that types cannot make; [`Settings::load`] runs them, and so does
-    /// `Application::build` for settings made in code.
+    /// The checks across fields that types cannot make. Called once, by what consumes the settings
+    /// (`Application::build`, `kiln limits`), so settings made in code are checked too.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.rate_limit.validate().context("invalid rate_limit settings")
     }

@@ -38,7 +38,8 @@ impl Application {
     /// Load the runtime and every enabled model (warming them up). Does not touch the broker.
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
         let started = Instant::now();
-        // Settings were validated when loaded (`Settings::load`); the schedule checks itself.
+        // Settings errors first: they are the cheapest to find and the most common.
+        settings.validate()?;
         let tiers: Vec<&str> = settings.rate_limit.tiers.keys().map(String::as_str).collect();
         let schedule = Arc::new(
             Schedule::new(&settings.scheduling, &tiers, &settings.rate_limit.default_tier)

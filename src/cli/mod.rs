@@ -90,6 +90,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn limits(command: LimitsCommand, settings: &Settings) -> anyhow::Result<()> {
+    settings.validate()?;
     let redis = RedisLimiter::new(std::sync::Arc::new(settings.rate_limit.clone()))?;
     let user = match &command {
         LimitsCommand::Show { user } | LimitsCommand::SetTier { user, .. } | LimitsCommand::Reset { user } => user,
