@@ -57,6 +57,36 @@ struct Scrape {
 }
 
 impl Scrape {
+    /// What happened since `before`: counters and histograms less their values then (the process's
+    /// metrics outlive each worker of a test run in one process); gauges as they are.
+    fn since(mut self, before: &Scrape) -> Self {
+        let cumulative = |name: &str| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|b| self.types.get(*b).is_some_and(|t| t == "histogram"))
+                })
+                .unwrap_or(name);
+            matches!(self.types.get(base).map(String::as_str), Some("counter" | "histogram"))
+        };
+        let cumulative: Vec<bool> = self.samples.iter().map(|(name, _, _)| cumulative(name)).collect();
+        let mut keep = Vec::with_capacity(self.samples.len());
+        for ((name, labels, mut value), cumulative) in self.samples.into_iter().zip(cumulative) {
+            let then = before.samples.iter().find(|(n, l, _)| *n == name && *l == labels);
+            if let (true, Some((_, _, then))) = (cumulative, then) {
+                value -= then;
+                // A counter this worker never moved is not one of its series.
+                if value == 0.0 && self.types.get(&name).is_some_and(|t| t == "counter") {
+                    continue;
+                }
+            }
+            keep.push((name, labels, value));
+        }
+        self.samples = keep;
+        self
+    }
+
     fn parse(text: String) -> Self {
         let mut samples = Vec::new();
         let mut types = BTreeMap::new();
@@ -121,10 +151,25 @@ impl Scrape {
     }
 }
 
+/// Counters and histograms as they are when a test's worker starts, by its address: the process's
+/// metrics outlive each worker when the tests share one process (`cargo test`).
+static BASELINES: std::sync::Mutex<BTreeMap<SocketAddr, Scrape>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// From now on, [`scrape`] of `app` reports counts since now: what this worker did. For a worker
+/// that runs alone (no other worker records meanwhile).
+fn counts_from_now(app: &TestApp) {
+    let now = Scrape::parse(kiln::metrics::render());
+    BASELINES.lock().unwrap().insert(app.http_addr, now);
+}
+
 async fn scrape(addr: SocketAddr) -> Scrape {
     let (status, body) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");
-    Scrape::parse(body)
+    let scrape = Scrape::parse(body);
+    match BASELINES.lock().unwrap().get(&addr) {
+        Some(before) => scrape.since(before),
+        None => scrape,
+    }
 }
 
 /// Scrape until `ready` holds (the last request's metrics are recorded just after its reply).
@@ -155,6 +200,7 @@ fn no_gpu_here() -> bool {
 #[tokio::test]
 async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_say() {
     let app = spawn_app_alone_with(one_model).await;
+    counts_from_now(&app);
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
     for style in [3, 5] {
@@ -357,6 +403,7 @@ impl Drop for Prometheus {
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_worker_evaluates_the_alert_rules_and_runs_the_dashboard_queries() {
     let app = spawn_app_alone_with(one_model).await;
+    counts_from_now(&app);
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
     let reply = producer
@@ -443,6 +490,7 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
         s.heartbeat.interval_ms = 200;
     })
     .await;
+    counts_from_now(&app);
     let channel = admin_channel().await;
     let exchange = heartbeat::exchange_name(&app.settings.amqp.topology.prefix);
     let durable = ExchangeDeclareOptions {
@@ -592,6 +640,7 @@ async fn readyz_is_503_until_the_worker_consumes_and_while_the_broker_is_gone() 
     one_model(&mut settings);
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f").into();
     let app = TestApp::start_alone(settings).await;
+    counts_from_now(&app);
 
     // No broker yet: alive, not ready, and the body says which check fails.
     let (status, report) = readyz(&app).await;
@@ -796,6 +845,7 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
         free.at_limit = AtLimit::Defer;
     })
     .await;
+    counts_from_now(&app);
     let mut producer = app.producer().await;
     let photo = read("tests/data/astronaut-256.png");
     let reply = producer

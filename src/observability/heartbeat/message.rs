@@ -61,12 +61,17 @@ pub struct QueueFigures {
     pub max_wait_seconds: Option<f64>,
 }
 
+/// The busy fraction of the last period, the capacity over the window, and the images this
+/// worker rendered since its heartbeat started.
+pub(super) type Load = (f64, Option<f64>, u64);
+
 /// Turns running totals into the busy fraction of the last period and the capacity over a window.
 #[derive(Debug)]
 pub struct UsageWindow {
     samples: VecDeque<(Instant, Usage)>,
     window: Duration,
     last_capacity: Option<f64>,
+    start: Usage,
 }
 
 impl UsageWindow {
@@ -76,7 +81,14 @@ impl UsageWindow {
             samples: VecDeque::from([(now, usage)]),
             window,
             last_capacity: None,
+            start: usage,
         }
+    }
+
+    /// Images rendered between the window's start and `usage` (the process's totals also count
+    /// any other worker in the same process).
+    pub fn images_since_start(&self, usage: Usage) -> u64 {
+        usage.images.saturating_sub(self.start.images)
     }
 
     /// Add a sample; returns (busy fraction since the previous sample, capacity in images per busy
@@ -116,13 +128,8 @@ impl QueueFigures {
 }
 
 /// The heartbeat of now.
-pub(super) fn message(
-    settings: &Beacon,
-    health: &Health,
-    busy: f64,
-    capacity: Option<f64>,
-    queue: QueueFigures,
-) -> HeartbeatMessage {
+pub(super) fn message(settings: &Beacon, health: &Health, load: Load, queue: QueueFigures) -> HeartbeatMessage {
+    let (busy, capacity, images_rendered) = load;
     let report = health.report();
     let state = match health.broker_state() {
         BrokerState::Connecting => "starting",
@@ -145,7 +152,7 @@ pub(super) fn message(
         capacity_images_per_second: capacity,
         busy_fraction: busy,
         in_flight: metrics::requests_in_flight(),
-        images_rendered: metrics::usage().images,
+        images_rendered,
         queue,
         gpus: crate::gpu::latest(),
     }
@@ -174,5 +181,6 @@ mod tests {
         // New work, measured over the window only (the old samples left it).
         let (_, capacity) = w.sample(t0 + Duration::from_secs(105), usage(3.5, 12));
         assert_eq!(capacity, Some(2.0));
+        assert_eq!(w.images_since_start(usage(3.5, 12)), 12);
     }
 }

@@ -29,6 +29,7 @@ mod message;
 use super::health::{BrokerState, Health};
 use crate::metrics;
 use message::message;
+use message::Load;
 pub use message::{HeartbeatMessage, QueueFigures, UsageWindow};
 
 /// The version of the heartbeat message (its `version` field).
@@ -82,9 +83,11 @@ pub async fn run(settings: Beacon, health: Arc<Health>) {
             _ = ticks.tick() => false,
             _ = wait_stopping(&mut stopping) => true,
         };
-        let (busy, capacity) = window.sample(Instant::now(), metrics::usage());
+        let usage = metrics::usage();
+        let (busy, capacity) = window.sample(Instant::now(), usage);
         metrics::set_busy_ratio(busy);
-        let sent = beat(&settings, &health, &mut link, busy, capacity).await;
+        let load = (busy, capacity, window.images_since_start(usage));
+        let sent = beat(&settings, &health, &mut link, load).await;
         metrics::record_heartbeat(if sent.is_ok() { "ok" } else { "failed" });
         if let Err(e) = sent {
             tracing::debug!(error = %e, "heartbeat not sent; trying again on the next one");
@@ -114,8 +117,7 @@ async fn beat(
     settings: &Beacon,
     health: &Health,
     link: &mut Option<(Connection, Channel)>,
-    busy: f64,
-    capacity: Option<f64>,
+    load: Load,
 ) -> anyhow::Result<()> {
     let exchange = exchange_name(&settings.prefix);
     if link.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
@@ -128,7 +130,7 @@ async fn beat(
         BrokerState::Connecting => QueueFigures::unknown(),
         _ => queue_figures(connection, settings).await,
     };
-    let message = message(settings, health, busy, capacity, queue);
+    let message = message(settings, health, load, queue);
     let body = serde_json::to_vec(&message)?;
     let expiration = (settings.interval.as_millis() * 3).to_string();
     let properties = BasicProperties::default()
