@@ -189,6 +189,23 @@ async fn scrape_until(addr: SocketAddr, what: &str, ready: impl Fn(&Scrape) -> b
     }
 }
 
+/// A `kiln worker` process serving multistyle26, ready, with its `/metrics` address.
+async fn worker_process() -> (WorkerProcess, kiln::configuration::Settings, SocketAddr) {
+    let mut settings = test_settings();
+    settings.http.bind = format!("127.0.0.1:{}", free_port());
+    let http_addr = settings.http.bind.parse().unwrap();
+    let worker = WorkerProcess::spawn(&settings, &[]);
+    worker.wait_for_log("worker ready", REPLY_TIMEOUT).await;
+    (worker, settings, http_addr)
+}
+
+/// Stop a [`worker_process`] and remove its topology.
+async fn stop_worker_process(mut worker: WorkerProcess, settings: &kiln::configuration::Settings) {
+    worker.terminate();
+    assert!(worker.wait_exit(REPLY_TIMEOUT).await.success());
+    crate::helpers::cleanup(settings).await;
+}
+
 fn one_model(s: &mut kiln::configuration::Settings) {
     s.models.enabled = vec!["multistyle26".into()];
 }
@@ -199,9 +216,12 @@ fn no_gpu_here() -> bool {
 
 #[tokio::test]
 async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_say() {
-    let app = spawn_app_alone_with(one_model).await;
-    counts_from_now(&app);
-    let mut producer = app.producer().await;
+    // A worker process of its own, so every series it exports is its own (gauges included: in
+    // this process, other tests' workers may have set them).
+    let (worker, settings, http_addr) = worker_process().await;
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &settings.topology().requests)
+        .await
+        .expect("producer connects");
     let photo = read("tests/data/astronaut-256.png");
     for style in [3, 5] {
         let reply = producer
@@ -223,7 +243,7 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     let reply = producer.reply_to("malformed-1", REPLY_TIMEOUT).await.unwrap();
     assert_eq!(reply.document.error.unwrap().code, ErrorCode::MalformedRequest);
 
-    let s = scrape_until(app.http_addr, "5 settled requests", |s| {
+    let s = scrape_until(http_addr, "5 settled requests", |s| {
         s.sum("kiln_requests_total", &[]) == 5.0
     })
     .await;
@@ -307,7 +327,7 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     assert_eq!(said.trim(), "", "promtool check metrics has something to say");
 
     producer.close().await;
-    app.stop().await;
+    stop_worker_process(worker, &settings).await;
 }
 
 #[test]
@@ -402,21 +422,24 @@ impl Drop for Prometheus {
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_worker_evaluates_the_alert_rules_and_runs_the_dashboard_queries() {
-    let app = spawn_app_alone_with(one_model).await;
-    counts_from_now(&app);
-    let mut producer = app.producer().await;
+    // A worker process of its own: Prometheus reads absolute values, which in this process other
+    // tests' workers may already have moved (`cargo test` runs them all in one).
+    let (worker, settings, http_addr) = worker_process().await;
+    let mut producer = kiln::submit::Producer::connect(&settings.amqp.url, &settings.topology().requests)
+        .await
+        .expect("producer connects");
     let photo = read("tests/data/astronaut-256.png");
     let reply = producer
         .request(&request(&photo, Some(WireStyle::Index(2))), REPLY_TIMEOUT)
         .await
         .unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok);
-    scrape_until(app.http_addr, "the request counted", |s| {
+    scrape_until(http_addr, "the request counted", |s| {
         s.sum("kiln_requests_total", &[]) == 1.0
     })
     .await;
 
-    let prometheus = Prometheus::start(app.http_addr);
+    let prometheus = Prometheus::start(http_addr);
     prometheus.wait_for(r#"up{job="kiln"}"#, "1").await;
     let labels = prometheus
         .wait_for(r#"kiln_requests_total{job="kiln",outcome="ok"}"#, "1")
@@ -465,7 +488,7 @@ async fn a_real_prometheus_scrapes_the_worker_evaluates_the_alert_rules_and_runs
     }
 
     producer.close().await;
-    app.stop().await;
+    stop_worker_process(worker, &settings).await;
 }
 
 async fn next_heartbeat(consumer: &mut lapin::Consumer) -> (Value, lapin::message::Delivery) {
