@@ -352,7 +352,7 @@ async fn worker_images_per_second(producer: &mut Producer, photo: &[u8], count: 
                 style: Some(WireStyle::Index((7 + i as i64) % 26)),
                 ..Default::default()
             };
-            new_request("bench", "multistyle26", params, photo)
+            new_request("bench", "multistyle26", params, Some(photo))
         })
         .collect();
     let request_bytes = serde_json::to_vec(&requests[0]).unwrap().len();
@@ -438,7 +438,7 @@ fn wire_costs(size: u32) -> serde_json::Value {
         user_id: "u".into(),
         model: "multistyle26".into(),
         params: WireParams::default(),
-        image: WireImage::from_bytes(&photo),
+        image: Some(WireImage::from_bytes(&photo)),
         deadline: None,
         created_at: None,
         tier: None,
@@ -450,7 +450,7 @@ fn wire_costs(size: u32) -> serde_json::Value {
             kiln::domain::GenerationRequest::parse(&body, usize::MAX)
                 .unwrap()
                 .image
-                .len()
+                .map_or(0, |i| i.len())
         }),
     );
     serde_json::json!({

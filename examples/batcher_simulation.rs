@@ -75,6 +75,7 @@ impl Batchable for Job {
         BatchKey {
             model: "multistyle26".into(),
             shape: (256, 256),
+            group: 0,
         }
     }
     fn class(&self) -> usize {

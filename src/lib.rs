@@ -52,6 +52,7 @@
 pub mod amqp;
 pub mod configuration;
 pub mod cpu_pool;
+pub mod diffusion;
 pub mod domain;
 pub mod gpu;
 pub mod imaging;

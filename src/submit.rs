@@ -37,14 +37,15 @@ pub struct Reply {
 }
 
 /// A new request document for `user_id`: a fresh request id, created now, no deadline, no tier.
-pub fn new_request(user_id: &str, model: &str, params: WireParams, image: &[u8]) -> RequestDocument {
+/// `image` is the photo (style models, `image_to_image`, `edit`); `None` for `text_to_image`.
+pub fn new_request(user_id: &str, model: &str, params: WireParams, image: Option<&[u8]>) -> RequestDocument {
     RequestDocument {
         version: CONTRACT_VERSION,
         request_id: uuid::Uuid::new_v4().to_string(),
         user_id: user_id.to_owned(),
         model: model.to_owned(),
         params,
-        image: WireImage::from_bytes(image),
+        image: image.map(WireImage::from_bytes),
         deadline: None,
         created_at: Some(rfc3339(time::OffsetDateTime::now_utc())),
         tier: None,

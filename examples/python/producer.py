@@ -1,18 +1,39 @@
 #!/usr/bin/env python3
-"""Send one image to a kiln worker over RabbitMQ and save the stylized PNG it sends back.
+r"""Send a request to a kiln worker over RabbitMQ and save the PNG it sends back.
 
     python3 -m venv .venv && .venv/bin/pip install -r examples/python/requirements.txt
     .venv/bin/python examples/python/producer.py --style 7 photo.jpg -o styled.png
     .venv/bin/python examples/python/producer.py --style 3:0.5,12:0.5 --size 512 photo.jpg -o blend.png
     .venv/bin/python examples/python/producer.py --model arbitrary-style --style-image art.jpg photo.jpg -o out.png
 
+Diffusion models take a prompt; text_to_image takes no photo:
+
+    .venv/bin/python examples/python/producer.py --model sd-tiny-random --prompt "a lighthouse at dusk" \
+        --steps 25 --guidance-scale 7.5 --seed 42 --width 96 --height 64 --scheduler euler -o lighthouse.png
+    .venv/bin/python examples/python/producer.py --model sd-tiny-random --task image_to_image \
+        --prompt "an oil painting" --strength 0.6 photo.jpg -o painted.png
+    .venv/bin/python examples/python/producer.py --model pix2pix-tiny-random --task edit \
+        --prompt "make it snow" --image-guidance-scale 1.5 photo.jpg -o snowy.png
+
+An edit chain sends the photo with the first instruction to an edit model (task edit), then the
+PNG it gets back with the next instruction, and so on; step N's PNG is saved as OUT with `-N`
+before the suffix (`-o snowy.png` writes snowy-1.png, snowy-2.png, ...). Give the instructions
+with one `--edit-chain` (after the photo: it takes every argument up to the next option) or with
+repeated `--then`. The model defaults to pix2pix-tiny-random, the task to edit, and the other
+diffusion options (--seed, --steps, ...) apply to every step:
+
+    .venv/bin/python examples/python/producer.py photo.jpg --edit-chain "make it snow" "add a red scarf" -o out.png
+    .venv/bin/python examples/python/producer.py --then "make it snow" --then "add a red scarf" photo.jpg -o out.png
+
 The contract in brief (docs/contract.md is normative; schemas/ has the JSON Schemas):
 
 * A request is one AMQP message on the durable quorum queue `kiln.requests`, published to the
   default exchange with routing key `kiln.requests`, persistent (delivery_mode 2). Its body is a
   UTF-8 JSON document (content_type application/json): version 1, request_id, user_id, model,
-  optional params (style, style_image, strength, size), the image as base64, and optional
-  deadline and created_at (RFC 3339). Unknown fields are refused.
+  optional params (style models: style, style_image, strength, size; diffusion models: task,
+  prompt, negative_prompt, steps, guidance_scale, image_guidance_scale, strength, seed, width,
+  height, scheduler), the image as base64 (absent for text_to_image), and optional deadline and
+  created_at (RFC 3339). Unknown fields are refused.
 * Every request gets exactly one final reply. With the `reply_to` property set (as here) it goes to
   that queue; without it, to the `kiln.results` topic exchange with routing key = request_id. The
   reply's correlation_id is the request's (or the request_id when the request had none).
@@ -40,13 +61,36 @@ Output, for scripts and tests: exactly one line of JSON on stdout, nothing else 
     {"status": "ok", "out": "styled.png", "width": 512, "height": 384, "timings_ms": {...}}
     {"status": "error", "code": "unknown_style", "message": "..."}
 
+A diffusion model's ok line also has the reply's `generation` (task, scheduler, seed, steps,
+steps_run, guidance_scale, ...; the seed used is there even when --seed was not given):
+
+    {"status": "ok", "out": "lighthouse.png", "width": 96, "height": 64, "timings_ms": {...},
+     "generation": {"task": "text_to_image", "scheduler": "euler", "seed": 42, ...}}
+
+An edit chain prints one line too, after its last step, with every step in order; `out`, `width`
+and `height` are the last step's:
+
+    {"status": "ok", "out": "out-2.png", "width": 64, "height": 64, "steps": [
+      {"step": 1, "instruction": "make it snow", "out": "out-1.png", "width": 64, "height": 64,
+       "timings_ms": {...}, "generation": {...}},
+      {"step": 2, "instruction": "add a red scarf", "out": "out-2.png", ...}]}
+
+and stops at the first error reply, with the steps done before it:
+
+    {"status": "error", "code": "invalid_prompt", "message": "...", "step": 2,
+     "instruction": "", "steps": [{"step": 1, ...}]}
+
+--timeout bounds each step's wait. A step that gets no reply or is not enqueued ends the chain with
+that exit status (3 or 4) and nothing on stdout; the PNGs of the steps before it stay.
+
 Exit status: 0 ok; 2 the worker answered with an error (argparse also exits 2 on a usage error,
 printing nothing on stdout); 3 no final reply within --timeout; 4 the broker did not take the request
 (no such queue, or it nacked it); 1 anything else (cannot connect, cannot read the image, a reply
 that breaks the contract).
 
 Values are passed through as given, without range checks, so the worker's own validation (and
-its error codes) can be exercised: `--style 26` is answered with `unknown_style`.
+its error codes) can be exercised: `--style 26` is answered with `unknown_style`, `--task inpaint`
+with `unsupported_task`, `--prompt ""` with `invalid_prompt`.
 """
 
 from __future__ import annotations
@@ -101,31 +145,70 @@ def style_argument(text: str) -> int | dict[str, float]:
     return blend
 
 
+DEFAULT_MODEL = "multistyle26"
+DEFAULT_EDIT_MODEL = "pix2pix-tiny-random"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Send one image to a kiln worker and save the PNG it replies with.",
+        description="Send a request to a kiln worker and save the PNG it replies with.",
         epilog="Prints one line of JSON on stdout. Exit status: 0 ok, 2 error reply, "
         "3 timeout, 4 request not enqueued, 1 other failure.",
     )
-    parser.add_argument("image", type=Path, help="the photo to stylize (JPEG, PNG or WebP)")
+    parser.add_argument("image", type=Path, nargs="?",
+                        help="the input picture (JPEG, PNG or WebP): the photo to stylize, redraw or edit; "
+                        "required unless --prompt is given (text_to_image takes none)")
     parser.add_argument("-o", "--out", type=Path,
-                        help="where to write the PNG (default: IMAGE's name with .kiln.png, in the current directory)")
+                        help="where to write the PNG (default: IMAGE's name with .kiln.png, in the current "
+                        "directory; without IMAGE, kiln-SEED.png); an edit chain writes OUT with -1, -2, ... "
+                        "before the suffix")
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F",
                         help="AMQP URL (default: %(default)s)")
     parser.add_argument("--queue", default="kiln.requests", help="request queue (default: %(default)s)")
-    parser.add_argument("--model", default="multistyle26", help="model name (default: %(default)s)")
-    parser.add_argument("--style", type=style_argument,
-                        help="multistyle26: a style index (7) or a blend (3:0.5,12:0.5)")
-    parser.add_argument("--style-image", type=Path, help="arbitrary-style: the picture to take the style from")
-    parser.add_argument("--strength", type=float, help="0 to 1 (worker default 1.0)")
-    parser.add_argument("--size", type=int, help="the output's longer side in pixels")
+    parser.add_argument("--model", help=f"model name (default: {DEFAULT_MODEL}; {DEFAULT_EDIT_MODEL} "
+                        "for an edit chain)")
+    parser.add_argument("--strength", type=float,
+                        help="style models: 0 to 1 (worker default 1.0); diffusion, image_to_image: how far the "
+                        "image is noised (default 0.8)")
+    style = parser.add_argument_group("style models")
+    style.add_argument("--style", type=style_argument,
+                       help="multistyle26: a style index (7) or a blend (3:0.5,12:0.5)")
+    style.add_argument("--style-image", type=Path, help="arbitrary-style: the picture to take the style from")
+    style.add_argument("--size", type=int, help="the output's longer side in pixels")
+    diffusion = parser.add_argument_group("diffusion models")
+    diffusion.add_argument("--prompt", help="what to draw; for task edit, the instruction")
+    diffusion.add_argument("--negative-prompt", help="what to steer away from (with guidance)")
+    diffusion.add_argument("--task", help="text_to_image, image_to_image or edit (default: the model's first)")
+    diffusion.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    diffusion.add_argument("--guidance-scale", type=float, help="classifier-free guidance; <= 1 turns it off")
+    diffusion.add_argument("--image-guidance-scale", type=float, help="edit: how closely to keep to the image")
+    diffusion.add_argument("--seed", type=int, help="0 to 4294967295 (default: random; the reply says it)")
+    diffusion.add_argument("--width", type=int, help="output width in pixels, a multiple of the model's")
+    diffusion.add_argument("--height", type=int, help="output height in pixels, a multiple of the model's")
+    diffusion.add_argument("--scheduler", help="euler, euler_ancestral, ddim or lcm (default: the model's)")
+    diffusion.add_argument("--edit-chain", nargs="+", action="extend", dest="edit_chain", metavar="INSTRUCTION",
+                           help="edit IMAGE with each instruction in turn, each step starting from the "
+                           "previous step's PNG (put IMAGE before this option)")
+    diffusion.add_argument("--then", action="append", dest="edit_chain", metavar="INSTRUCTION",
+                           help="one more edit-chain step (repeatable; same as --edit-chain)")
     parser.add_argument("--deadline-seconds", type=float, metavar="N",
                         help="set the request's deadline to now + N seconds")
     parser.add_argument("--user", default="example-user", help="user_id (default: %(default)s)")
-    parser.add_argument("--request-id", help="request_id (default: a new UUID)")
+    parser.add_argument("--request-id", help="request_id (default: a new UUID; an edit chain adds -1, -2, ...)")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for the final reply, deferrals included (default: %(default)s)")
-    return parser.parse_args(argv)
+                        help="seconds to wait for the final reply, deferrals included; per step of an edit "
+                        "chain (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.edit_chain:
+        if args.image is None:
+            parser.error("an edit chain needs IMAGE to start from")
+        if args.prompt is not None:
+            parser.error("--prompt and --edit-chain/--then are exclusive: the instructions are the prompts")
+    elif args.image is None and args.prompt is None:
+        parser.error("IMAGE is required unless --prompt is given")
+    if args.model is None:
+        args.model = DEFAULT_EDIT_MODEL if args.edit_chain else DEFAULT_MODEL
+    return args
 
 
 def rfc3339(instant: datetime) -> str:
@@ -140,27 +223,39 @@ def encoded_file(path: Path) -> dict[str, str]:
         raise Failure(f"cannot read {path}: {error.strerror or error}") from error
 
 
-def build_request(args: argparse.Namespace, now: datetime) -> dict:
-    """The request document (schemas/request.v1.schema.json)."""
+# params key -> the option's attribute, in the order the request document lists them
+PASS_THROUGH = (
+    ("style", "style"), ("style_image", "style_image"), ("strength", "strength"), ("size", "size"),
+    ("task", "task"), ("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("steps", "steps"),
+    ("guidance_scale", "guidance_scale"), ("image_guidance_scale", "image_guidance_scale"), ("seed", "seed"),
+    ("width", "width"), ("height", "height"), ("scheduler", "scheduler"),
+)
+
+
+def build_request(args: argparse.Namespace, now: datetime, image: dict[str, str] | None,
+                  overrides: dict | None = None, request_id: str | None = None) -> dict:
+    """The request document (schemas/request.v1.schema.json).
+
+    `image` is the encoded input picture, or None to send none; `overrides` replaces params from
+    the options (an edit chain's task and prompt).
+    """
     params: dict = {}
-    if args.style is not None:
-        params["style"] = args.style
-    if args.style_image is not None:
-        params["style_image"] = encoded_file(args.style_image)
-    if args.strength is not None:
-        params["strength"] = args.strength
-    if args.size is not None:
-        params["size"] = args.size
+    for key, attribute in PASS_THROUGH:
+        value = getattr(args, attribute)
+        if value is not None:
+            params[key] = encoded_file(value) if key == "style_image" else value
+    params.update(overrides or {})
 
     request = {
         "version": CONTRACT_VERSION,
-        "request_id": args.request_id if args.request_id is not None else str(uuid.uuid4()),
+        "request_id": request_id if request_id is not None else str(uuid.uuid4()),
         "user_id": args.user,
         "model": args.model,
     }
     if params:
         request["params"] = params
-    request["image"] = encoded_file(args.image)
+    if image is not None:
+        request["image"] = image
     if args.deadline_seconds is not None:
         request["deadline"] = rfc3339(now + timedelta(seconds=args.deadline_seconds))
     request["created_at"] = rfc3339(now)
@@ -256,35 +351,110 @@ def save_image(document: dict, body: bytes, out: Path) -> dict:
         out.write_bytes(body)
     except OSError as error:
         raise Failure(f"cannot write {out}: {error.strerror or error}") from error
-    return {"status": "ok", "out": str(out), "width": width, "height": height,
-            "timings_ms": document.get("timings_ms")}
+    summary = {"status": "ok", "out": str(out), "width": width, "height": height,
+               "timings_ms": document.get("timings_ms")}
+    if document.get("generation") is not None:
+        summary["generation"] = document["generation"]
+    return summary
+
+
+def error_summary(document: dict) -> dict:
+    error = document.get("error") or {}
+    return {"status": "error", "code": error.get("code"), "message": error.get("message")}
+
+
+class Session:
+    """One connection, one channel with publisher confirms, and one exclusive reply queue."""
+
+    def __init__(self, url: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            self.channel = self.connection.channel()
+            self.channel.confirm_delivery()
+            declared = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
+            self.reply_queue = declared.method.queue
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, queue: str, request: dict, timeout: float):
+        """Publish `request` and wait for its final reply: (body, document)."""
+        body = json.dumps(request, separators=(",", ":")).encode("utf-8")
+        correlation_id = str(uuid.uuid4())
+        publish(self.channel, queue, body, self.reply_queue, correlation_id)
+        _, reply_body, document = wait_for_reply(self.channel, self.reply_queue, correlation_id, timeout)
+        return reply_body, document
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+
+def default_out(args: argparse.Namespace, document: dict | None = None) -> Path:
+    if args.out is not None:
+        return args.out
+    if args.image is not None:
+        return Path(args.image.stem + ".kiln.png")
+    seed = ((document or {}).get("generation") or {}).get("seed")
+    return Path(f"kiln-{seed}.png" if seed is not None else "kiln.png")
+
+
+def step_path(out: Path, step: int) -> Path:
+    """OUT with `-STEP` before its suffix: out.png -> out-1.png."""
+    return out.with_name(f"{out.stem}-{step}{out.suffix or '.png'}")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out if args.out is not None else Path(args.image.stem + ".kiln.png")
-    request = build_request(args, datetime.now(timezone.utc))
-    body = json.dumps(request, separators=(",", ":")).encode("utf-8")
-    correlation_id = str(uuid.uuid4())
+    if args.edit_chain:
+        return run_edit_chain(args)
+    image = encoded_file(args.image) if args.image is not None else None
+    request = build_request(args, datetime.now(timezone.utc), image, request_id=args.request_id)
 
-    connection = pika.BlockingConnection(pika.URLParameters(args.url))
+    session = Session(args.url)
     try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        reply_queue = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
-        publish(channel, args.queue, body, reply_queue, correlation_id)
-        properties, reply_body, document = wait_for_reply(channel, reply_queue, correlation_id, args.timeout)
+        reply_body, document = session.ask(args.queue, request, args.timeout)
     finally:
-        if connection.is_open:
-            connection.close()
+        session.close()
 
     if document["status"] == "ok":
-        summary, status = save_image(document, reply_body, out), EXIT_OK
+        summary, status = save_image(document, reply_body, default_out(args, document)), EXIT_OK
     else:
-        error = document.get("error") or {}
-        summary = {"status": "error", "code": error.get("code"), "message": error.get("message")}
-        status = EXIT_ERROR_REPLY
+        summary, status = error_summary(document), EXIT_ERROR_REPLY
     print(json.dumps(summary), flush=True)
     return status
+
+
+def run_edit_chain(args: argparse.Namespace) -> int:
+    """Edit the photo with each instruction in turn, each step starting from the last step's PNG."""
+    out = default_out(args)
+    image = encoded_file(args.image)
+    steps: list[dict] = []
+    session = Session(args.url)
+    try:
+        for number, instruction in enumerate(args.edit_chain, start=1):
+            overrides = {"task": args.task if args.task is not None else "edit", "prompt": instruction}
+            request_id = f"{args.request_id}-{number}" if args.request_id is not None else None
+            request = build_request(args, datetime.now(timezone.utc), image, overrides, request_id)
+            try:
+                reply_body, document = session.ask(args.queue, request, args.timeout)
+            except Failure as failure:
+                raise Failure(f"step {number} ({instruction!r}): {failure}", failure.status) from None
+            if document["status"] != "ok":
+                summary = {**error_summary(document), "step": number, "instruction": instruction, "steps": steps}
+                print(json.dumps(summary), flush=True)
+                return EXIT_ERROR_REPLY
+            saved = save_image(document, reply_body, step_path(out, number))
+            del saved["status"]
+            steps.append({"step": number, "instruction": instruction, **saved})
+            print(f"step {number}: {saved['out']} ({saved['width']}x{saved['height']})", file=sys.stderr, flush=True)
+            image = {"data": base64.b64encode(reply_body).decode("ascii")}
+    finally:
+        session.close()
+
+    last = steps[-1]
+    summary = {"status": "ok", "out": last["out"], "width": last["width"], "height": last["height"], "steps": steps}
+    print(json.dumps(summary), flush=True)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

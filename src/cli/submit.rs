@@ -1,4 +1,5 @@
-//! `kiln submit`: one photo to the workers, the PNG they send back to a file.
+//! `kiln submit`: one request to the workers (a photo to stylize, or a prompt for a diffusion
+//! model, with or without a photo), the PNG they send back to a file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,11 +15,47 @@ use kiln::submit::{new_request, rfc3339, Producer};
 /// `kiln submit` arguments.
 #[derive(Debug, clap::Args)]
 pub struct SubmitArgs {
-    /// The photo (JPEG, PNG or WebP).
-    pub image: PathBuf,
-    /// Model name.
-    #[arg(long, default_value = "multistyle26")]
-    pub model: String,
+    /// The photo (JPEG, PNG or WebP): to stylize, or for a diffusion model to redraw or edit.
+    /// Also `--image`.
+    #[arg(required_unless_present_any = ["prompt", "image_flag"])]
+    pub image: Option<PathBuf>,
+    /// The photo, as an option (`kiln submit --prompt "make it snow" --image photo.jpg`).
+    #[arg(long = "image", conflicts_with = "image")]
+    pub image_flag: Option<PathBuf>,
+    /// Model name (default: multistyle26, or sd-tiny-random with --prompt).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Diffusion models: what to draw, or for `--task edit` the instruction.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Diffusion models: what to steer away from.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Diffusion models: text_to_image, image_to_image or edit (default: the model's first; with a
+    /// photo on a text-to-image model, image_to_image).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Diffusion models: denoising steps.
+    #[arg(long)]
+    pub steps: Option<i64>,
+    /// Diffusion models: guidance scale (1 = none).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Diffusion models, edit: image guidance scale.
+    #[arg(long)]
+    pub image_guidance_scale: Option<f64>,
+    /// Diffusion models: the noise's seed (the reply says the one used).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Diffusion models: width and height in pixels.
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// See --width.
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// Diffusion models: euler, euler_ancestral, ddim or lcm.
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Built-in style: an index (7) or a blend (3:0.5,12:0.5).
     #[arg(long)]
     pub style: Option<String>,
@@ -40,7 +77,8 @@ pub struct SubmitArgs {
     /// Send to this tier's request queue (`<prefix>.requests.<tier>`) instead of the shared one.
     #[arg(long)]
     pub tier: Option<String>,
-    /// Where to write the PNG (default: next to the photo, `<name>.kiln.png`).
+    /// Where to write the PNG (default: next to the photo, `<name>.kiln.png`; `kiln-<seed>.png`
+    /// for a prompt alone).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     /// How long to wait for the reply, in seconds.
@@ -48,9 +86,21 @@ pub struct SubmitArgs {
     pub timeout_secs: u64,
 }
 
-/// Send the photo, wait for the reply, write the PNG and print its path.
+/// Send the request, wait for the reply, write the PNG and print its path.
 pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let photo = args.image.clone().or(args.image_flag.clone());
+    let model = args.model.clone().unwrap_or_else(|| {
+        if args.prompt.is_some() {
+            "sd-tiny-random".into()
+        } else {
+            "multistyle26".into()
+        }
+    });
+    // A photo and a prompt for a text-to-image model: redraw the photo.
+    let task = args.task.clone().or_else(|| {
+        (args.prompt.is_some() && photo.is_some() && !model.contains("pix2pix")).then(|| "image_to_image".into())
+    });
     let params = WireParams {
         style: args.style.as_deref().map(parse_style).transpose()?,
         style_image: args
@@ -61,8 +111,19 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
             .map(|b| WireImage::from_bytes(&b)),
         strength: args.strength,
         size: args.size,
+        task,
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        image_guidance_scale: args.image_guidance_scale,
+        seed: args.seed.map(serde_json::Number::from),
+        width: args.width,
+        height: args.height,
+        scheduler: args.scheduler.clone(),
     };
-    let mut request = new_request(&args.user, &args.model, params, &read(&args.image)?);
+    let image = photo.as_deref().map(read).transpose()?;
+    let mut request = new_request(&args.user, &model, params, image.as_deref());
     request.deadline = args
         .deadline_secs
         .map(|s| rfc3339(time::OffsetDateTime::now_utc() + Duration::from_secs(s)));
@@ -80,7 +141,11 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         let error = doc.error.as_ref().context("an error reply without an error")?;
         bail!("the worker answered {}: {}", error.code, error.message);
     }
-    let out = args.out.unwrap_or_else(|| args.image.with_extension("kiln.png"));
+    let out = args.out.unwrap_or_else(|| match (&photo, &doc.generation) {
+        (Some(photo), _) => photo.with_extension("kiln.png"),
+        (None, Some(g)) => PathBuf::from(format!("kiln-{}.png", g.seed)),
+        (None, None) => PathBuf::from("kiln.png"),
+    });
     std::fs::write(&out, &reply.body).with_context(|| format!("cannot write {}", out.display()))?;
     let image = doc.image.as_ref().context("an ok reply without an image")?;
     let t = &doc.timings_ms;
@@ -93,6 +158,18 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         t.inference,
         t.total
     );
+    if let Some(g) = &doc.generation {
+        eprintln!(
+            "{} with {}: {} of {} steps, guidance {}, seed {}",
+            g.task, g.scheduler, g.steps_run, g.steps, g.guidance_scale, g.seed
+        );
+        if let Some(cut) = &g.prompt_truncated {
+            eprintln!(
+                "the prompt was cut to the text encoder's limit: {} tokens dropped; used {:?}",
+                cut.tokens_dropped, cut.text_used
+            );
+        }
+    }
     println!("{}", out.display());
     Ok(())
 }

@@ -23,6 +23,13 @@ pub enum ErrorCode {
     UnknownStyle,
     /// A parameter out of range, or one the model does not take.
     InvalidParams,
+    /// A task the contract does not know, or one the model does not do (`edit` on a text-to-image
+    /// model).
+    UnsupportedTask,
+    /// A scheduler the contract does not know, or one the model's manifest does not allow.
+    UnknownScheduler,
+    /// A prompt that is missing, empty, or not text.
+    InvalidPrompt,
     /// The image is not decodable base64 or not a supported image.
     InvalidImage,
     /// Encoded size, width, height or pixel count over the model's limits.
@@ -50,6 +57,9 @@ impl ErrorCode {
             Self::UnknownModel => "unknown_model",
             Self::UnknownStyle => "unknown_style",
             Self::InvalidParams => "invalid_params",
+            Self::UnsupportedTask => "unsupported_task",
+            Self::UnknownScheduler => "unknown_scheduler",
+            Self::InvalidPrompt => "invalid_prompt",
             Self::InvalidImage => "invalid_image",
             Self::ImageTooLarge => "image_too_large",
             Self::ImageTooSmall => "image_too_small",
@@ -101,6 +111,9 @@ mod tests {
             ErrorCode::UnknownModel,
             ErrorCode::UnknownStyle,
             ErrorCode::InvalidParams,
+            ErrorCode::UnsupportedTask,
+            ErrorCode::UnknownScheduler,
+            ErrorCode::InvalidPrompt,
             ErrorCode::InvalidImage,
             ErrorCode::ImageTooLarge,
             ErrorCode::ImageTooSmall,

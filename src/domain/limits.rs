@@ -1,6 +1,28 @@
-//! What producers are told about rate limits.
+//! What producers are told about rate limits, and the work a request's cost follows from.
 
 use serde::{Deserialize, Serialize};
+
+/// What a request asks of the device; its cost in rate-limit units follows from it
+/// (`rate_limit::CostSettings::units`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// Output pixels.
+    pub pixels: u64,
+    /// For a diffusion request: denoising network evaluations per image, i.e. steps run × rows
+    /// (1 row without guidance, 2 with classifier-free guidance, 3 for a guided edit). `None` for
+    /// a single-pass model.
+    pub denoising_evaluations: Option<u64>,
+}
+
+impl Work {
+    /// A single-pass model's work: one evaluation of `pixels`.
+    pub fn single_pass(pixels: u64) -> Self {
+        Self {
+            pixels,
+            denoising_evaluations: None,
+        }
+    }
+}
 
 /// Which limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::{ErrorCode, RequestError};
+use super::generation::GenerationInfo;
 use super::limits::{Deferral, LimitInfo};
 use super::request::CONTRACT_VERSION;
 
@@ -60,6 +61,10 @@ pub struct ReplyDocument {
     /// On `ok`: the image was made smaller than asked because the worker was overloaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<Degraded>,
+    /// On `ok` from a diffusion model: the task, scheduler, seed and steps used, and whether the
+    /// prompt was cut to the text encoder's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationInfo>,
 }
 
 /// How a reply was degraded under overload.
@@ -137,6 +142,7 @@ impl ReplyDocument {
             deferred: None,
             batch_size: None,
             degraded: None,
+            generation: None,
         }
     }
 
@@ -161,6 +167,7 @@ impl ReplyDocument {
             deferred: None,
             batch_size: None,
             degraded: None,
+            generation: None,
         }
     }
 
@@ -185,6 +192,7 @@ impl ReplyDocument {
             deferred: Some(deferral),
             batch_size: None,
             degraded: None,
+            generation: None,
         }
     }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::error::{ErrorCode, RequestError};
+use super::generation::{self, GenerationParams, Task};
 use super::ids::{RequestId, UserId};
 
 /// The contract version this worker speaks.
@@ -33,8 +34,10 @@ pub struct RequestDocument {
     /// Model parameters.
     #[serde(default, skip_serializing_if = "WireParams::is_empty")]
     pub params: WireParams,
-    /// The input photo.
-    pub image: WireImage,
+    /// The input photo: required by style models, `image_to_image` and `edit`; absent for
+    /// `text_to_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<WireImage>,
     /// RFC 3339: answer `expired` instead of rendering after this instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
@@ -62,11 +65,70 @@ pub struct WireParams {
     /// The output's longer side in pixels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u32>,
+    /// Diffusion models: `text_to_image`, `image_to_image` or `edit` (default: the model's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Diffusion models: what to draw, or for `edit` the instruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Diffusion models: what to steer away from (used with guidance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// Diffusion models: denoising steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<i64>,
+    /// Diffusion models: classifier-free guidance scale (1 = no guidance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
+    /// `edit`: how closely to keep to the input image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_guidance_scale: Option<f64>,
+    /// Diffusion models: the noise's seed, 0 to 4294967295 (random when absent; the reply says it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<serde_json::Number>,
+    /// Diffusion models: the image's width in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<i64>,
+    /// Diffusion models: the image's height in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<i64>,
+    /// Diffusion models: `euler`, `euler_ancestral`, `ddim` or `lcm`, among those the model allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
 }
 
 impl WireParams {
     fn is_empty(&self) -> bool {
-        self.style.is_none() && self.style_image.is_none() && self.strength.is_none() && self.size.is_none()
+        let Self {
+            style,
+            style_image,
+            strength,
+            size,
+            task,
+            prompt,
+            negative_prompt,
+            steps,
+            guidance_scale,
+            image_guidance_scale,
+            seed,
+            width,
+            height,
+            scheduler,
+        } = self;
+        style.is_none()
+            && style_image.is_none()
+            && strength.is_none()
+            && size.is_none()
+            && task.is_none()
+            && prompt.is_none()
+            && negative_prompt.is_none()
+            && steps.is_none()
+            && guidance_scale.is_none()
+            && image_guidance_scale.is_none()
+            && seed.is_none()
+            && width.is_none()
+            && height.is_none()
+            && scheduler.is_none()
     }
 }
 
@@ -126,10 +188,13 @@ pub struct Params {
     pub style: Option<StyleChoice>,
     /// `style_image` bytes (still encoded), if given.
     pub style_image: Option<Vec<u8>>,
-    /// `strength`, if given; known to be finite.
-    pub strength: Option<f32>,
+    /// `strength`, if given; known to be in `[0, 1]`. Kept as sent (f64): a diffusion model's first
+    /// step is `⌊steps × strength⌋` computed in double precision, as diffusers does.
+    pub strength: Option<f64>,
     /// `size`, if given.
     pub size: Option<u32>,
+    /// The generation parameters (diffusion models).
+    pub generation: GenerationParams,
 }
 
 /// A request the worker can act on: every field well-formed.
@@ -143,8 +208,8 @@ pub struct GenerationRequest {
     pub model: String,
     /// The parameters.
     pub params: Params,
-    /// The encoded input image.
-    pub image: Vec<u8>,
+    /// The encoded input image, when one was sent.
+    pub image: Option<Vec<u8>>,
     /// Answer `expired` after this instant.
     pub deadline: Option<OffsetDateTime>,
     /// When the producer created the request.
@@ -215,6 +280,7 @@ impl GenerationRequest {
                 ))
             }
         }
+        check_prompt_types(body)?;
         let doc: RequestDocument =
             serde_json::from_slice(body).map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
         Self::from_document(doc)
@@ -233,6 +299,7 @@ impl GenerationRequest {
             .as_deref()
             .map(|s| parse_timestamp("created_at", s))
             .transpose()?;
+        let generation = generation_params(&doc.params)?;
         let params = Params {
             style: doc.params.style.map(style_choice).transpose()?,
             style_image: doc
@@ -243,13 +310,14 @@ impl GenerationRequest {
                 .transpose()?,
             strength: doc.params.strength.map(strength).transpose()?,
             size: doc.params.size,
+            generation,
         };
         Ok(Self {
             request_id,
             user_id,
             model: doc.model,
             params,
-            image: doc.image.decode("image")?,
+            image: doc.image.as_ref().map(|i| i.decode("image")).transpose()?,
             deadline,
             created_at,
             size_cap: None,
@@ -271,6 +339,51 @@ impl PartialRequest {
             model: map.get("model").and_then(|v| v.as_str()).map(str::to_owned),
         }
     }
+}
+
+/// A prompt that is not text is `invalid_prompt`, not a malformed document: look before serde does.
+fn check_prompt_types(body: &[u8]) -> Result<(), RequestError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        params: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let Ok(Probe { params: Some(params) }) = serde_json::from_slice::<Probe>(body) else {
+        return Ok(());
+    };
+    for field in ["prompt", "negative_prompt"] {
+        match params.get(field) {
+            None | Some(serde_json::Value::String(_)) => {}
+            Some(other) => {
+                return Err(RequestError::new(
+                    ErrorCode::InvalidPrompt,
+                    format!("params.{field} must be text, got {other}"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn generation_params(params: &WireParams) -> Result<GenerationParams, RequestError> {
+    Ok(GenerationParams {
+        task: params.task.as_deref().map(Task::parse).transpose()?,
+        prompt: params.prompt.clone(),
+        negative_prompt: params.negative_prompt.clone(),
+        steps: params.steps.map(|v| generation::count("steps", v)).transpose()?,
+        guidance_scale: params
+            .guidance_scale
+            .map(|v| generation::scale("guidance_scale", v))
+            .transpose()?,
+        image_guidance_scale: params
+            .image_guidance_scale
+            .map(|v| generation::scale("image_guidance_scale", v))
+            .transpose()?,
+        seed: params.seed.as_ref().map(generation::seed).transpose()?,
+        width: params.width.map(|v| generation::count("width", v)).transpose()?,
+        height: params.height.map(|v| generation::count("height", v)).transpose()?,
+        scheduler: params.scheduler.clone(),
+    })
 }
 
 fn parse_timestamp(field: &str, value: &str) -> Result<OffsetDateTime, RequestError> {
@@ -315,9 +428,9 @@ fn style_choice(style: WireStyle) -> Result<StyleChoice, RequestError> {
     }
 }
 
-fn strength(value: f64) -> Result<f32, RequestError> {
+fn strength(value: f64) -> Result<f64, RequestError> {
     if (0.0..=1.0).contains(&value) {
-        Ok(value as f32)
+        Ok(value)
     } else {
         Err(RequestError::new(
             ErrorCode::InvalidParams,
@@ -354,7 +467,7 @@ mod tests {
     fn parses_a_valid_request() {
         let req = GenerationRequest::parse(&body(valid()), 1 << 20).unwrap();
         assert_eq!(req.request_id.as_str(), "r-1");
-        assert_eq!(req.image, b"hello");
+        assert_eq!(req.image.as_deref(), Some(&b"hello"[..]));
         assert_eq!(req.params.strength, Some(0.5));
         assert_eq!(req.params.style, Some(StyleChoice::Blend(vec![(12, 0.5), (3, 0.5)])));
         assert_eq!(req.deadline.unwrap().unix_timestamp(), 1_795_823_940);
@@ -400,6 +513,41 @@ mod tests {
     }
 
     #[test]
+    fn a_text_to_image_request_needs_no_image_and_its_parameters_are_well_formed() {
+        let t2i = || {
+            serde_json::json!({
+                "version": 1, "request_id": "r-2", "user_id": "u-1", "model": "sd",
+                "params": {"task": "text_to_image", "prompt": "a cat", "steps": 20, "guidance_scale": 7.5,
+                           "seed": 4294967295u64, "width": 512, "height": 768, "scheduler": "euler"}
+            })
+        };
+        let req = GenerationRequest::parse(&body(t2i()), 1 << 20).unwrap();
+        assert!(req.image.is_none());
+        let g = &req.params.generation;
+        assert_eq!(g.task, Some(Task::TextToImage));
+        assert_eq!(g.prompt.as_deref(), Some("a cat"));
+        assert_eq!((g.steps, g.seed, g.width, g.height), (Some(20), Some(u32::MAX), Some(512), Some(768)));
+        assert_eq!(g.guidance_scale, Some(7.5));
+
+        let cases = [
+            ("prompt", serde_json::json!(5), ErrorCode::InvalidPrompt),
+            ("prompt", serde_json::json!(["a", "b"]), ErrorCode::InvalidPrompt),
+            ("negative_prompt", serde_json::json!({"x": 1}), ErrorCode::InvalidPrompt),
+            ("task", serde_json::json!("inpaint"), ErrorCode::UnsupportedTask),
+            ("seed", serde_json::json!(4294967296u64), ErrorCode::InvalidParams),
+            ("seed", serde_json::json!(-1), ErrorCode::InvalidParams),
+            ("steps", serde_json::json!(-5), ErrorCode::InvalidParams),
+            ("width", serde_json::json!(-512), ErrorCode::InvalidParams),
+            ("guidance_scale", serde_json::json!(-1.0), ErrorCode::InvalidParams),
+        ];
+        for (field, value, code) in cases {
+            let mut v = t2i();
+            v["params"][field] = value.clone();
+            assert_eq!(code_of(v), code, "{field} = {value}");
+        }
+    }
+
+    #[test]
     fn an_error_reply_still_knows_the_request_id() {
         let mut v = valid();
         v["params"]["strength"] = 7.into();
@@ -419,13 +567,13 @@ mod tests {
                 style: Some(WireStyle::Index(7)),
                 ..Default::default()
             },
-            image: WireImage::from_bytes(b"\x89PNG"),
+            image: Some(WireImage::from_bytes(b"\x89PNG")),
             deadline: None,
             created_at: None,
             tier: None,
         };
         let req = GenerationRequest::parse(&serde_json::to_vec(&doc).unwrap(), 1 << 20).unwrap();
-        assert_eq!(req.image, b"\x89PNG");
+        assert_eq!(req.image.as_deref(), Some(&b"\x89PNG"[..]));
         assert_eq!(req.params.style, Some(StyleChoice::Single(7)));
     }
 }

@@ -33,13 +33,16 @@ pub trait Batchable {
     fn deadline(&self) -> Option<Instant>;
 }
 
-/// Model and tensor shape: what must agree within a batch.
+/// Model, tensor shape and the kind's batch group: what must agree within a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
     /// Model name.
     pub model: String,
     /// Tensor width and height (after padding to the shape bucket).
     pub shape: (u32, u32),
+    /// What else the model kind needs to agree (a diffusion model's scheduler and steps); 0 for
+    /// kinds that need nothing else.
+    pub group: u64,
 }
 
 /// How large a model's batches may be and how long the first request may wait for company.
@@ -206,6 +209,7 @@ mod tests {
             BatchKey {
                 model: self.model.into(),
                 shape: self.shape,
+                group: 0,
             }
         }
         fn class(&self) -> usize {

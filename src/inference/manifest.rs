@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use super::pipeline::Pipeline;
+pub use super::pipelines::diffusion::DiffusionSpec;
 use crate::imaging::{DecodeLimits, Layout, ValueRange};
 
 /// One model, as described by its manifest.
@@ -25,7 +26,12 @@ pub struct Manifest {
     pub origin: String,
     /// How to run it.
     pub pipeline: PipelineSpec,
-    /// What requests may ask of it.
+    /// `[limits]` as written: required for the style kinds; for a diffusion model, when absent,
+    /// derived from the folder ([`DiffusionSpec::derived_limits`]).
+    #[serde(default, rename = "limits")]
+    pub limits_in_file: Option<ModelLimits>,
+    /// What requests may ask of it (not in the file: `[limits]`, or derived).
+    #[serde(skip)]
     pub limits: ModelLimits,
     /// The folder the manifest was read from (not in the file).
     #[serde(skip)]
@@ -47,6 +53,8 @@ pub enum PipelineSpec {
     StyleBank(StyleBankSpec),
     /// A style-prediction network plus a transform network: any picture is a style.
     ArbitraryStyle(ArbitraryStyleSpec),
+    /// A Stable Diffusion ONNX folder (optimum's layout): text encoder, UNet, VAE, a scheduler.
+    Diffusion(DiffusionSpec),
 }
 
 impl PipelineSpec {
@@ -55,6 +63,7 @@ impl PipelineSpec {
         match self {
             Self::StyleBank(spec) => spec,
             Self::ArbitraryStyle(spec) => spec,
+            Self::Diffusion(spec) => spec,
         }
     }
 }
@@ -122,7 +131,7 @@ pub struct ArbitraryStyleSpec {
 }
 
 /// What a request may ask of a model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelLimits {
     /// Smallest side of input and output.
@@ -171,6 +180,24 @@ impl Manifest {
         let mut manifest: Self =
             toml::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
         manifest.dir = dir.to_owned();
+        manifest.limits = match (&mut manifest.pipeline, manifest.limits_in_file.clone()) {
+            (PipelineSpec::Diffusion(spec), written) => {
+                spec.read_folder(dir)?;
+                let derived = spec.derived_limits();
+                let limits = written.unwrap_or(derived.clone());
+                if limits.multiple_of % derived.multiple_of != 0 || limits.min_side % limits.multiple_of != 0 {
+                    bail!(
+                        "{}: limits.multiple_of must be a multiple of {} (what this model's VAE and UNet allow) \
+                         and min_side a multiple of it",
+                        path.display(),
+                        derived.multiple_of
+                    );
+                }
+                limits
+            }
+            (_, Some(limits)) => limits,
+            (_, None) => bail!("{} has no [limits]", path.display()),
+        };
         manifest
             .limits
             .check()
@@ -197,6 +224,7 @@ impl Manifest {
         match &self.pipeline {
             PipelineSpec::StyleBank(s) => vec![self.dir.join(&s.file)],
             PipelineSpec::ArbitraryStyle(s) => vec![self.dir.join(&s.predict_file), self.dir.join(&s.transform_file)],
+            PipelineSpec::Diffusion(s) => s.model().onnx_files(),
         }
     }
 
@@ -267,7 +295,7 @@ mod tests {
         let base = std::fs::read_to_string(models_dir().join("multistyle26/manifest.toml")).unwrap();
         let typo = base.replace("styles = 26", "stlyes = 26");
         assert!(toml::from_str::<Manifest>(&typo).is_err());
-        let kind = base.replace("kind = \"style_bank\"", "kind = \"diffusion\"");
+        let kind = base.replace("kind = \"style_bank\"", "kind = \"latent_video\"");
         assert!(toml::from_str::<Manifest>(&kind).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! A kind (`pipelines/<kind>.rs`) implements [`Pipeline`] on its manifest section:
 //!
-//! - [`Pipeline::check`]: what can be checked without decoding (any thread, before admission);
+//! - [`Pipeline::check`]: what can be checked without decoding (any thread, before admission), and
+//!   the [`Work`] the request asks for (its price); [`Pipeline::output_size`]: the result's size;
 //! - [`Pipeline::prepare`]: decode, resize and lay out one request (CPU pool) into a [`Prepared`]:
 //!   a [`ModelInput`] for the inference thread and a [`Finish`] that stays with the request;
 //! - [`Pipeline::load`]: build its [`Runner`] on the inference thread from the runtime's sessions;
@@ -20,12 +21,17 @@ use std::any::Any;
 use super::finish::Finish;
 use super::manifest::Manifest;
 use super::runtime::Runtime;
-use crate::domain::{GenerationRequest, RequestError};
+use crate::domain::{GenerationInfo, GenerationRequest, RequestError, Work};
 
 /// What a model kind provides. Implemented on the kind's manifest section (its spec).
 pub trait Pipeline: Send + Sync {
-    /// The checks that need no decoding (parameters this kind takes, headers of extra images).
-    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(), RequestError>;
+    /// The checks that need no decoding (parameters this kind takes, headers of images), and the
+    /// work the request asks for, which its cost follows from.
+    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Work, RequestError>;
+
+    /// The size of the image the request will get (with the worker's overload cap), without
+    /// decoding anything.
+    fn output_size(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(u32, u32), RequestError>;
 
     /// Decode, check, resize and lay out one request. CPU-bound: runs on the CPU pool.
     fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError>;
@@ -56,12 +62,15 @@ pub struct Prepared {
     pub input: ModelInput,
     /// Stays with the request until the output comes back.
     pub finish: Finish,
+    /// For the reply of a generative kind: what was done (task, seed, steps, truncation).
+    pub generation: Option<GenerationInfo>,
 }
 
 /// A kind's input for one request, opaque to everything but the kind's runner. Requests batch
-/// together only when their model and [`ModelInput::shape`] are equal.
+/// together only when their model, [`ModelInput::shape`] and [`ModelInput::group`] are equal.
 pub struct ModelInput {
     shape: (u32, u32),
+    group: u64,
     data: Box<dyn Any + Send>,
 }
 
@@ -69,6 +78,7 @@ impl std::fmt::Debug for ModelInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelInput")
             .field("shape", &self.shape)
+            .field("group", &self.group)
             .finish_non_exhaustive()
     }
 }
@@ -78,13 +88,26 @@ impl ModelInput {
     pub fn new<T: Any + Send>(shape: (u32, u32), data: T) -> Self {
         Self {
             shape,
+            group: 0,
             data: Box::new(data),
         }
+    }
+
+    /// The same input, in batch group `group`: what besides the shape must agree for requests to
+    /// share a model run (a diffusion kind's scheduler, step count and first step). 0 by default.
+    pub fn with_group(mut self, group: u64) -> Self {
+        self.group = group;
+        self
     }
 
     /// The tensor size (width, height).
     pub fn shape(&self) -> (u32, u32) {
         self.shape
+    }
+
+    /// The batch group (see [`ModelInput::with_group`]).
+    pub fn group(&self) -> u64 {
+        self.group
     }
 
     /// The data, if it is a `T`.

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::manifest::Manifest;
-use super::output_size::request_output_size;
 use super::pipeline::Prepared;
 use super::settings::{BatchingSettings, ModelSettings};
-use crate::domain::{ErrorCode, GenerationRequest, RequestError};
+use crate::domain::{ErrorCode, GenerationRequest, RequestError, Work};
 
 /// Manifests of the enabled models. Cheap to share; the sessions live on the inference thread.
 #[derive(Debug, Clone)]
@@ -76,19 +75,16 @@ impl ModelRegistry {
     }
 
     /// Everything about a request that can be checked without decoding it (model, parameters, image
-    /// headers, output size). Returns the output's pixel count, which its cost is computed from.
-    pub fn check(&self, request: &GenerationRequest) -> Result<u64, RequestError> {
+    /// headers, output size). Returns the work it asks for, which its cost is computed from.
+    pub fn check(&self, request: &GenerationRequest) -> Result<Work, RequestError> {
         let manifest = self.get(&request.model)?;
-        manifest.pipeline.pipeline().check(manifest, request)?;
-        let (w, h) = self.output_size(request)?;
-        Ok(u64::from(w) * u64::from(h))
+        manifest.pipeline.pipeline().check(manifest, request)
     }
 
     /// The size of the image a request will get, from the image header alone (no decoding).
     pub fn output_size(&self, request: &GenerationRequest) -> Result<(u32, u32), RequestError> {
-        let limits = &self.get(&request.model)?.limits;
-        let dims = crate::imaging::probe_dimensions(&request.image, &limits.decode_limits(), "image")?;
-        request_output_size(limits, request, dims)
+        let manifest = self.get(&request.model)?;
+        manifest.pipeline.pipeline().output_size(manifest, request)
     }
 
     /// Decode and check a request's inputs against its model, and lay them out for the network.

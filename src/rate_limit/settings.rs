@@ -6,6 +6,8 @@ use anyhow::{bail, ensure};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::domain::Work;
+
 /// What a tier's users get when they hit a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,12 +55,22 @@ impl TierSettings {
 }
 
 /// How a request's cost grows with the work asked for.
+///
+/// - single-pass models (style): `ceil(pixels / unit_pixels)`;
+/// - diffusion models: `ceil(pixels × evaluations / (unit_pixels × evaluations_per_unit))`, where
+///   `evaluations` = steps run × rows (×2 with guidance, ×3 for a guided edit);
+///
+/// at least 1 either way.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CostSettings {
-    /// Output pixels that cost one unit; a request costs `ceil(pixels / unit_pixels)`, at least 1.
-    /// Default 262 144 (512 × 512): a 1024 px square costs 4 units, a 256 px one 1.
+    /// Output pixels that cost one unit. Default 262 144 (512 × 512): a 1024 px square costs 4
+    /// units, a 256 px one 1.
     pub unit_pixels: u64,
+    /// Denoising network evaluations at `unit_pixels` that cost one unit. Default 20: a 512 px
+    /// image in 30 guided steps (60 evaluations) costs 3 units, 4 unguided steps (LCM) 1, 50 guided
+    /// steps 5. Set it from the measured device time of one evaluation against one style image.
+    pub evaluations_per_unit: u32,
     /// Costs above this are refused as `invalid_params`. Default 64 (a 4096 px square).
     pub max_units: u32,
 }
@@ -67,15 +79,23 @@ impl Default for CostSettings {
     fn default() -> Self {
         Self {
             unit_pixels: 512 * 512,
+            evaluations_per_unit: 20,
             max_units: 64,
         }
     }
 }
 
 impl CostSettings {
-    /// The cost of a request producing `pixels` output pixels.
-    pub fn units(&self, pixels: u64) -> u64 {
-        pixels.div_ceil(self.unit_pixels).max(1)
+    /// The cost of a request's work, in units.
+    pub fn units(&self, work: &Work) -> u64 {
+        let (numerator, denominator) = match work.denoising_evaluations {
+            None => (u128::from(work.pixels), u128::from(self.unit_pixels)),
+            Some(evaluations) => (
+                u128::from(work.pixels) * u128::from(evaluations),
+                u128::from(self.unit_pixels) * u128::from(self.evaluations_per_unit),
+            ),
+        };
+        u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX).max(1)
     }
 }
 
@@ -155,7 +175,7 @@ impl RateLimitSettings {
             "rate_limit.key_prefix must be non-empty and free of {{ and }}"
         );
         ensure!(
-            self.cost.unit_pixels >= 1 && self.cost.max_units >= 1,
+            self.cost.unit_pixels >= 1 && self.cost.max_units >= 1 && self.cost.evaluations_per_unit >= 1,
             "rate_limit.cost values must be at least 1"
         );
         ensure!(
@@ -237,10 +257,34 @@ mod tests {
     #[test]
     fn cost_grows_with_pixels() {
         let c = CostSettings::default();
-        assert_eq!(c.units(256 * 256), 1);
-        assert_eq!(c.units(512 * 512), 1);
-        assert_eq!(c.units(512 * 512 + 1), 2);
-        assert_eq!(c.units(1024 * 1024), 4);
-        assert_eq!(c.units(0), 1);
+        let single = |pixels| c.units(&Work::single_pass(pixels));
+        assert_eq!(single(256 * 256), 1);
+        assert_eq!(single(512 * 512), 1);
+        assert_eq!(single(512 * 512 + 1), 2);
+        assert_eq!(single(1024 * 1024), 4);
+        assert_eq!(single(0), 1);
+    }
+
+    #[test]
+    fn diffusion_cost_grows_with_pixels_steps_and_guidance() {
+        let c = CostSettings::default();
+        let denoise = |pixels: u64, steps: u64, rows: u64| {
+            c.units(&Work {
+                pixels,
+                denoising_evaluations: Some(steps * rows),
+            })
+        };
+        assert_eq!(denoise(512 * 512, 30, 2), 3);
+        assert_eq!(denoise(512 * 512, 30, 1), 2);
+        assert_eq!(denoise(512 * 512, 50, 2), 5);
+        assert_eq!(denoise(512 * 512, 4, 1), 1);
+        assert_eq!(denoise(1024 * 1024, 30, 2), 12);
+        assert_eq!(denoise(1024 * 1024, 30, 3), 18);
+        assert_eq!(denoise(64 * 64, 10, 2), 1);
+        let huge = Work {
+            pixels: u64::MAX,
+            denoising_evaluations: Some(u64::MAX),
+        };
+        assert_eq!(c.units(&huge), u64::MAX);
     }
 }

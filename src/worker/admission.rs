@@ -131,18 +131,22 @@ async fn ask_limiter(
         rate_limit: None,
     };
     // Refuse what would fail anyway before charging the user for it.
-    let pixels = match registry.check(request) {
-        Ok(pixels) => pixels,
+    let work = match registry.check(request) {
+        Ok(work) => work,
         Err(error) => return refuse(error),
     };
     let cost_settings = &limiter.settings().cost;
-    let cost = cost_settings.units(pixels);
+    let cost = cost_settings.units(&work);
     if cost > u64::from(cost_settings.max_units) {
+        let evaluations = work
+            .denoising_evaluations
+            .map(|e| format!(" x {e} denoising evaluations"))
+            .unwrap_or_default();
         return refuse(RequestError::new(
             ErrorCode::InvalidParams,
             format!(
-                "this request costs {cost} units ({pixels} output pixels); the most a request may cost is {}",
-                cost_settings.max_units
+                "this request costs {cost} units ({} output pixels{evaluations}); the most a request may cost is {}",
+                work.pixels, cost_settings.max_units
             ),
         ));
     }

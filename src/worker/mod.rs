@@ -174,6 +174,7 @@ impl Worker {
         let rendered = match rendered {
             Ok(rendered) => {
                 target.batch_size = Some(rendered.batch_size);
+                target.generation = rendered.generation;
                 Ok((rendered.png, rendered.info))
             }
             Err(Failure::Request(error)) => Err(error),

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use super::deadline::Deadline;
 use super::settle::Failure;
 use super::{ms, Services};
-use crate::domain::{GenerationRequest, ImageInfo, Timings};
+use crate::domain::{GenerationInfo, GenerationRequest, ImageInfo, Timings};
 use crate::imaging::encode_png;
 use crate::inference::JobOptions;
 
@@ -22,6 +22,8 @@ pub(super) struct Rendered {
     pub info: ImageInfo,
     /// How many requests shared its model run.
     pub batch_size: usize,
+    /// What a generative model did (task, seed, steps), for the reply.
+    pub generation: Option<GenerationInfo>,
 }
 
 /// Prepare (CPU pool), check the deadline again, infer (by `class`'s priority), finish and encode
@@ -57,7 +59,7 @@ pub(super) async fn render(
     let batch_size = inferred.batch_size;
 
     let started = Instant::now();
-    let finish = prepared.finish;
+    let (finish, generation) = (prepared.finish, prepared.generation);
     let (png, info) = services
         .cpu
         .run_as(class, move || {
@@ -73,5 +75,10 @@ pub(super) async fn render(
         })
         .await?;
     timings.encode = ms(started.elapsed());
-    Ok(Rendered { png, info, batch_size })
+    Ok(Rendered {
+        png,
+        info,
+        batch_size,
+        generation,
+    })
 }

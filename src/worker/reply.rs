@@ -5,7 +5,7 @@ use lapin::message::Delivery;
 use crate::amqp::{OutgoingReply, ReplyRoute};
 use crate::domain::reply::Degraded;
 use crate::domain::{
-    Deferral, GenerationRequest, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError,
+    Deferral, GenerationInfo, GenerationRequest, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError,
     Timings,
 };
 
@@ -21,6 +21,7 @@ pub(super) struct ReplyTarget {
     pub rate_limit: Option<LimitInfo>,
     pub batch_size: Option<usize>,
     pub degraded: Option<Degraded>,
+    pub generation: Option<GenerationInfo>,
 }
 
 impl ReplyTarget {
@@ -97,6 +98,7 @@ pub(super) fn final_reply(
     if document.status == ReplyStatus::Ok {
         document.batch_size = target.batch_size;
         document.degraded = target.degraded;
+        document.generation = target.generation;
     }
     let body = if body.is_empty() { json(&document) } else { body };
     OutgoingReply {

@@ -90,7 +90,7 @@ async fn every_kind_of_bad_request_gets_its_error_code_and_is_acknowledged() {
             ErrorCode::MalformedRequest,
         ),
         ("missing user_id", without("user_id"), ErrorCode::MalformedRequest),
-        ("missing image", without("image"), ErrorCode::MalformedRequest),
+        ("missing image", without("image"), ErrorCode::InvalidImage),
         (
             "unknown field",
             with(&["colour"], json!("red")),

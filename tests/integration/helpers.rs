@@ -356,7 +356,7 @@ pub fn request(image: &[u8], style: Option<WireStyle>) -> RequestDocument {
             style,
             ..Default::default()
         },
-        image: WireImage::from_bytes(image),
+        image: Some(WireImage::from_bytes(image)),
         deadline: None,
         created_at: None,
         tier: None,

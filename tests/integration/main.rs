@@ -6,6 +6,7 @@ mod helpers;
 mod bad_input;
 mod batching;
 mod contract;
+mod diffusion;
 mod end_to_end;
 mod execution_provider;
 mod model_rewrite;

@@ -79,7 +79,7 @@ impl Users {
             &user_id(tier, n % self.per_tier.max(1)),
             "multistyle26",
             params,
-            &self.photo,
+            Some(&self.photo),
         )
     }
 }

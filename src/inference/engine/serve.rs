@@ -26,6 +26,7 @@ impl Batchable for Job {
         BatchKey {
             model: self.model.clone(),
             shape: self.input.shape(),
+            group: self.input.group(),
         }
     }
     fn class(&self) -> usize {

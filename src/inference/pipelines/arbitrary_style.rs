@@ -10,7 +10,8 @@ use image::RgbImage;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::domain::{ErrorCode, GenerationRequest, RequestError};
+use super::photo;
+use crate::domain::{ErrorCode, GenerationRequest, RequestError, Work};
 use crate::imaging::{centre_square, decode_rgb, fit_long_side, resize_rgb, tensor, Layout, ValueRange};
 use crate::inference::finish::Finish;
 use crate::inference::manifest::{ArbitraryStyleSpec, Manifest};
@@ -32,8 +33,13 @@ pub struct ArbitraryStyleInput {
 }
 
 impl Pipeline for ArbitraryStyleSpec {
-    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(), RequestError> {
-        check(manifest, request).map(drop)
+    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Work, RequestError> {
+        check(manifest, request)?;
+        photo::work(manifest, request)
+    }
+
+    fn output_size(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(u32, u32), RequestError> {
+        photo::output_size(manifest, request)
     }
 
     fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError> {
@@ -72,7 +78,7 @@ fn prepare(
     let params = &request.params;
     let style_bytes = check(manifest, request)?;
     let limits = &manifest.limits;
-    let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
+    let photo = decode_rgb(photo::photo(manifest, request)?, &limits.decode_limits(), "image")?;
     let style_image = decode_rgb(style_bytes, &limits.decode_limits(), "params.style_image")?;
     let output = request_output_size(limits, request, photo.dimensions())?;
 
@@ -83,7 +89,7 @@ fn prepare(
         let square = resize_rgb(&centre_square(img), spec.style_size, spec.style_size);
         square_tensor(&square, spec.style_size, spec.layout, spec.value_range)
     };
-    let strength = params.strength.unwrap_or(1.0);
+    let strength = params.strength.unwrap_or(1.0) as f32;
     Ok(Prepared {
         input: ModelInput::new(
             (side, side),
@@ -103,6 +109,7 @@ fn prepare(
             output,
             blend: None,
         },
+        generation: None,
     })
 }
 

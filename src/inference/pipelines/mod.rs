@@ -4,4 +4,6 @@
 //! [`PipelineSpec::pipeline`](super::manifest::PipelineSpec::pipeline).
 
 pub mod arbitrary_style;
+pub mod diffusion;
+mod photo;
 pub mod style_bank;

@@ -7,7 +7,8 @@
 use ort::session::{IoBinding, Session};
 use ort::value::TensorRef;
 
-use crate::domain::{ErrorCode, GenerationRequest, RequestError, StyleChoice};
+use super::photo;
+use crate::domain::{ErrorCode, GenerationRequest, RequestError, StyleChoice, Work};
 use crate::imaging::{decode_rgb, resize_rgb, tensor};
 use crate::inference::finish::Finish;
 use crate::inference::manifest::{Manifest, StyleBankSpec};
@@ -30,8 +31,13 @@ pub struct StyleBankInput {
 }
 
 impl Pipeline for StyleBankSpec {
-    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(), RequestError> {
-        check(manifest, self, request).map(drop)
+    fn check(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Work, RequestError> {
+        check(manifest, self, request)?;
+        photo::work(manifest, request)
+    }
+
+    fn output_size(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(u32, u32), RequestError> {
+        photo::output_size(manifest, request)
     }
 
     fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError> {
@@ -74,7 +80,7 @@ fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationReques
     let weights = check(manifest, spec, request)?;
     let params = &request.params;
     let limits = &manifest.limits;
-    let photo = decode_rgb(&request.image, &limits.decode_limits(), "image")?;
+    let photo = decode_rgb(photo::photo(manifest, request)?, &limits.decode_limits(), "image")?;
     let (width, height) = request_output_size(limits, request, photo.dimensions())?;
     let photo = resize_rgb(&photo, width, height);
 
@@ -85,7 +91,7 @@ fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationReques
     let mut image = vec![0.0; 3 * tensor_w as usize * tensor_h as usize];
     tensor::write_tensor(&photo, tensor_w, tensor_h, spec.layout, spec.value_range, &mut image);
 
-    let strength = params.strength.unwrap_or(1.0);
+    let strength = params.strength.unwrap_or(1.0) as f32;
     Ok(Prepared {
         input: ModelInput::new(
             (tensor_w, tensor_h),
@@ -105,6 +111,7 @@ fn prepare(manifest: &Manifest, spec: &StyleBankSpec, request: &GenerationReques
             output: (width, height),
             blend: (strength < 1.0).then_some((photo, strength)),
         },
+        generation: None,
     })
 }
 

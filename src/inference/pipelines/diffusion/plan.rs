@@ -1,0 +1,242 @@
+//! A diffusion request resolved against its model: every parameter checked (each bad one a clear
+//! error code, before anything is charged) and every default filled in. Needs no decoding: the
+//! input image's header gives its size.
+
+use crate::diffusion::scheduler::{img2img_start, SchedulerKind};
+use crate::domain::{ErrorCode, GenerationRequest, RequestError, Task, Work};
+use crate::inference::manifest::{Manifest, ModelLimits};
+
+use super::model::DiffusionModel;
+
+/// What will be run for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The task.
+    pub task: Task,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+    /// Steps asked for: the scheduler's timesteps are set for this many.
+    pub steps: u32,
+    /// The first step run: 0, or for `image_to_image` `steps − ⌊steps × strength⌋`.
+    pub start: u32,
+    /// Text guidance (≤ 1: none).
+    pub guidance_scale: f32,
+    /// `edit`: image guidance.
+    pub image_guidance_scale: Option<f32>,
+    /// `image_to_image`: how far the image is noised.
+    pub strength: Option<f64>,
+    /// The image's size, a multiple of the model's on each side.
+    pub width: u32,
+    /// See `width`.
+    pub height: u32,
+    /// Rows of the denoising network per step: 2 with classifier-free guidance (unconditional and
+    /// conditional), 3 for a guided edit (text, image, unconditional), else 1.
+    pub rows: u32,
+    /// The size cap the worker applied under overload, when it made the image smaller.
+    pub capped: bool,
+}
+
+impl Plan {
+    /// Steps the denoising loop runs.
+    pub fn steps_run(&self) -> u32 {
+        self.steps - self.start
+    }
+
+    /// The work this asks of the device, its price.
+    pub fn work(&self) -> Work {
+        Work {
+            pixels: u64::from(self.width) * u64::from(self.height),
+            denoising_evaluations: Some(u64::from(self.steps_run()) * u64::from(self.rows)),
+        }
+    }
+
+    /// Requests batch together only with equal scheduler, steps and first step (they share the
+    /// timesteps of every network call); shape and model are the batcher's own key.
+    pub fn batch_group(&self) -> u64 {
+        (self.scheduler as u64) << 48 | u64::from(self.steps) << 24 | u64::from(self.start)
+    }
+}
+
+fn invalid(message: String) -> RequestError {
+    RequestError::new(ErrorCode::InvalidParams, message)
+}
+
+/// Check a request against a diffusion model and fill in the defaults.
+pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationRequest) -> Result<Plan, RequestError> {
+    let name = &manifest.name;
+    let params = &request.params;
+    let g = &params.generation;
+    for (field, given) in [
+        ("style", params.style.is_some()),
+        ("style_image", params.style_image.is_some()),
+        ("size", params.size.is_some()),
+    ] {
+        if given {
+            return Err(invalid(format!(
+                "{name} is a diffusion model and takes no `{field}`; give width and height"
+            )));
+        }
+    }
+    let task = g.task.unwrap_or(model.tasks[0]);
+    if !model.tasks.contains(&task) {
+        let tasks: Vec<&str> = model.tasks.iter().map(|t| t.as_str()).collect();
+        return Err(RequestError::new(
+            ErrorCode::UnsupportedTask,
+            format!("{name} does not do {task}; it does {}", tasks.join(", ")),
+        ));
+    }
+    match (task.takes_image(), &request.image) {
+        (true, None) => {
+            return Err(RequestError::new(
+                ErrorCode::InvalidImage,
+                format!("task {task} needs an `image` to start from"),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(invalid(format!(
+                "task {task} takes no `image`; to start from a picture use task image_to_image{}",
+                if model.tasks.contains(&Task::Edit) { " or edit" } else { "" }
+            )))
+        }
+        _ => {}
+    }
+    match g.prompt.as_deref() {
+        None => {
+            return Err(RequestError::new(
+                ErrorCode::InvalidPrompt,
+                format!("task {task} needs a `prompt`"),
+            ))
+        }
+        Some(p) if p.trim().is_empty() => {
+            return Err(RequestError::new(ErrorCode::InvalidPrompt, "the prompt is empty"))
+        }
+        Some(_) => {}
+    }
+
+    let scheduler = match g.scheduler.as_deref() {
+        None => model.default_scheduler,
+        Some(name_given) => {
+            let allowed: Vec<&str> = model.schedulers.iter().map(|k| k.as_str()).collect();
+            let kind = name_given.parse::<SchedulerKind>().map_err(|_| {
+                RequestError::new(
+                    ErrorCode::UnknownScheduler,
+                    format!("unknown scheduler {name_given:?}; {name} allows {}", allowed.join(", ")),
+                )
+            })?;
+            if !model.schedulers.contains(&kind) {
+                return Err(RequestError::new(
+                    ErrorCode::UnknownScheduler,
+                    format!("{name} does not allow scheduler {name_given}; it allows {}", allowed.join(", ")),
+                ));
+            }
+            kind
+        }
+    };
+    let steps = g.steps.unwrap_or(model.default_steps);
+    if !(1..=model.max_steps).contains(&steps) {
+        return Err(invalid(format!(
+            "steps must be between 1 and {} for {name}, got {steps}",
+            model.max_steps
+        )));
+    }
+    let guidance_scale = g.guidance_scale.unwrap_or(model.default_guidance_scale);
+    if guidance_scale > model.max_guidance_scale {
+        return Err(invalid(format!(
+            "guidance_scale must be between 0 and {} for {name}, got {guidance_scale}",
+            model.max_guidance_scale
+        )));
+    }
+    let image_guidance_scale = match (task, g.image_guidance_scale) {
+        (Task::Edit, given) => {
+            let s = given.unwrap_or(model.default_image_guidance_scale);
+            if s > model.max_guidance_scale {
+                return Err(invalid(format!(
+                    "image_guidance_scale must be between 0 and {} for {name}, got {s}",
+                    model.max_guidance_scale
+                )));
+            }
+            Some(s)
+        }
+        (_, Some(_)) => return Err(invalid(format!("image_guidance_scale is for task edit, not {task}"))),
+        (_, None) => None,
+    };
+    let (strength, start) = match (task, params.strength) {
+        (Task::ImageToImage, given) => {
+            let s = given.unwrap_or(model.default_strength);
+            let start = img2img_start(steps as usize, s).min(steps as usize) as u32;
+            if s <= 0.0 || start >= steps {
+                return Err(invalid(format!(
+                    "at strength {s} and {steps} steps no step would run; raise strength or steps"
+                )));
+            }
+            (Some(s), start)
+        }
+        (_, Some(_)) => return Err(invalid(format!("strength is for task image_to_image, not {task}"))),
+        (_, None) => (None, 0),
+    };
+
+    let (width, height, capped) = size(manifest, &manifest.limits, task, request)?;
+    let rows = match task {
+        _ if model.time_cond_proj_dim.is_some() => 1,
+        Task::Edit if guidance_scale > 1.0 && image_guidance_scale.is_some_and(|s| s >= 1.0) => 3,
+        Task::Edit => 1,
+        _ if guidance_scale > 1.0 => 2,
+        _ => 1,
+    };
+    Ok(Plan {
+        task,
+        scheduler,
+        steps,
+        start,
+        guidance_scale,
+        image_guidance_scale,
+        strength,
+        width,
+        height,
+        rows,
+        capped,
+    })
+}
+
+/// The image's size: `width` × `height` as given (each a multiple of the model's, within its
+/// sides), else the model's default side; for an input image without them, the image's own size
+/// fitted to the default side and rounded down to the multiple. The worker's overload cap then
+/// shrinks it (rounded down to the multiple, never below the smallest side).
+fn size(
+    manifest: &Manifest,
+    limits: &ModelLimits,
+    task: Task,
+    request: &GenerationRequest,
+) -> Result<(u32, u32, bool), RequestError> {
+    let g = &request.params.generation;
+    let multiple = limits.multiple_of;
+    for (field, value) in [("width", g.width), ("height", g.height)] {
+        let Some(v) = value else { continue };
+        if v % multiple != 0 || v < limits.min_side || v > limits.max_side {
+            return Err(invalid(format!(
+                "{field} must be a multiple of {multiple} from {} to {} for {}, got {v}",
+                limits.min_side, limits.max_side, manifest.name
+            )));
+        }
+    }
+    let natural = match (task.takes_image(), request.image.as_deref()) {
+        (true, Some(bytes)) => {
+            let (w, h) = crate::imaging::probe_dimensions(bytes, &limits.decode_limits(), "image")?;
+            let (w, h) = crate::imaging::fit_long_side(w, h, w.max(h).min(limits.default_max_side));
+            (round_down(w, multiple, limits.min_side), round_down(h, multiple, limits.min_side))
+        }
+        _ => (limits.default_max_side, limits.default_max_side),
+    };
+    let (width, height) = (g.width.unwrap_or(natural.0), g.height.unwrap_or(natural.1));
+    match request.size_cap {
+        Some(cap) if width.max(height) > cap => {
+            let (w, h) = crate::imaging::fit_long_side(width, height, cap);
+            Ok((round_down(w, multiple, limits.min_side), round_down(h, multiple, limits.min_side), true))
+        }
+        _ => Ok((width, height, false)),
+    }
+}
+
+fn round_down(value: u32, multiple: u32, min: u32) -> u32 {
+    (value / multiple * multiple).max(min)
+}

@@ -1,0 +1,441 @@
+//! A diffusion model's sessions on the inference thread, and the loop that runs a batch of whole
+//! requests: text encoder, then one denoising network call per step for every row of the batch,
+//! each request advanced by its own scheduler and noise stream, then one VAE decode.
+//!
+//! The loop is written as the phases a step-level scheduler will interleave ([`Rows::new`]: encode
+//! and draw the starting latents; [`DiffusionRunner::step`]: one network call for the batch and one
+//! scheduler update per request; [`DiffusionRunner::decode`]), and a request's state between steps
+//! is plain data ([`RequestState`]).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::TensorElementType;
+use ort::value::TensorRef;
+
+use super::model::DiffusionModel;
+use super::DiffusionInput;
+use crate::diffusion::noise::TorchGenerator;
+use crate::diffusion::scheduler::{self, Scheduler};
+use crate::domain::Task;
+use crate::inference::pipeline::{inputs_of, ModelInput, Runner};
+
+/// The sessions of one diffusion model, with the tensor names and types its export uses.
+pub struct DiffusionRunner {
+    text_encoder: Session,
+    unet: Session,
+    vae_decoder: Session,
+    vae_encoder: Option<Session>,
+    model: Arc<DiffusionModel>,
+    io: Io,
+}
+
+/// How this export names and types its tensors (optimum's names; types read from the files).
+#[derive(Debug)]
+struct Io {
+    /// `input_ids` is int32 (some exports) rather than int64 (optimum).
+    ids_int32: bool,
+    /// The text encoder's hidden states output.
+    text_output: String,
+    /// `timestep`'s element type (float32 in optimum's export) and whether it is one value per row
+    /// (`[B]`) rather than a scalar.
+    timestep_type: TensorElementType,
+    timestep_per_row: bool,
+    /// The UNet's guidance-embedding input, for LCM-distilled models.
+    timestep_cond: Option<String>,
+    unet_output: String,
+    vae_decoder_output: String,
+    vae_encoder_output: String,
+}
+
+/// One request between steps: plain data that can be kept, paused or dropped.
+#[derive(Debug)]
+pub struct RequestState {
+    /// Its own scheduler, at its own step.
+    pub scheduler: Box<dyn Scheduler>,
+    /// Its own noise stream (`torch.Generator("cpu").manual_seed(seed)`).
+    pub rng: TorchGenerator,
+    /// The latents, `[C, h, w]`.
+    pub latents: Vec<f32>,
+    /// `edit`: the input image's latents (the VAE posterior's mode), concatenated to each row.
+    pub image_latents: Option<Vec<f32>>,
+}
+
+/// A batch's rows for the denoising network, made once: which text embedding each row uses.
+struct Rows {
+    /// `[R, seq, dim]` embeddings, in row order.
+    embeddings: Vec<f32>,
+    /// `[seq, dim]`.
+    embedding_shape: (usize, usize),
+    /// Each request's first row and row count.
+    spans: Vec<(usize, usize)>,
+}
+
+impl DiffusionRunner {
+    /// Wrap the sessions, checking their inputs and outputs against the folder's description.
+    pub fn new(
+        text_encoder: Session,
+        unet: Session,
+        vae_decoder: Session,
+        vae_encoder: Option<Session>,
+        model: Arc<DiffusionModel>,
+    ) -> anyhow::Result<Self> {
+        let io = Io::read(&text_encoder, &unet, &vae_decoder, vae_encoder.as_ref(), &model)?;
+        Ok(Self {
+            text_encoder,
+            unet,
+            vae_decoder,
+            vae_encoder,
+            model,
+            io,
+        })
+    }
+
+    /// Run whole requests of one shape, scheduler and step range; one image `[3, H, W]` in `[-1, 1]`
+    /// per request.
+    pub fn run_batch(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Vec<f32>>, String> {
+        let plan = &batch[0].plan;
+        let rows = self.encode_text(batch)?;
+        let mut states = self.start(batch)?;
+        for i in plan.start as usize..plan.steps as usize {
+            self.step(batch, &rows, &mut states, i)?;
+        }
+        self.decode(batch, &states)
+    }
+
+    fn latent_dims(&self, input: &DiffusionInput) -> [usize; 3] {
+        let s = self.model.vae_scale;
+        [
+            self.model.latent_channels,
+            (input.plan.height / s) as usize,
+            (input.plan.width / s) as usize,
+        ]
+    }
+
+    /// The text embeddings of every row: `[negative, prompt]` with guidance, `[prompt, negative,
+    /// negative]` for a guided edit (diffusers' orders), `[prompt]` without.
+    fn encode_text(&mut self, batch: &[&DiffusionInput]) -> Result<Rows, String> {
+        let mut ids: Vec<&[i64]> = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for input in batch {
+            let (p, n) = (input.prompt_ids.as_slice(), input.negative_ids.as_slice());
+            let rows: &[&[i64]] = match input.plan.rows {
+                1 => &[p],
+                2 => &[n, p],
+                _ => &[p, n, n],
+            };
+            spans.push((ids.len(), rows.len()));
+            ids.extend_from_slice(rows);
+        }
+        let seq = ids[0].len();
+        let flat: Vec<i64> = ids.concat();
+        let outputs = if self.io.ids_int32 {
+            let flat: Vec<i32> = flat.iter().map(|&i| i as i32).collect();
+            let tensor = TensorRef::from_array_view(([ids.len(), seq], flat.as_slice())).map_err(err)?;
+            self.text_encoder.run(ort::inputs!["input_ids" => tensor]).map_err(err)?
+        } else {
+            let tensor = TensorRef::from_array_view(([ids.len(), seq], flat.as_slice())).map_err(err)?;
+            self.text_encoder.run(ort::inputs!["input_ids" => tensor]).map_err(err)?
+        };
+        let (shape, data) = outputs[self.io.text_output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(err)?;
+        if shape.len() != 3 || shape[0] as usize != ids.len() {
+            return Err(format!("the text encoder returned shape {shape:?} for {} rows", ids.len()));
+        }
+        Ok(Rows {
+            embeddings: data.to_vec(),
+            embedding_shape: (shape[1] as usize, shape[2] as usize),
+            spans,
+        })
+    }
+
+    /// Each request's starting latents, drawn from its own generator in diffusers' order:
+    /// text-to-image and edit draw the initial noise once; image-to-image draws the VAE posterior
+    /// sample, then the noise it is mixed with at the first step.
+    fn start(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<RequestState>, String> {
+        let moments = self.encode_images(batch)?;
+        let mut states = Vec::with_capacity(batch.len());
+        for (input, moments) in batch.iter().zip(moments) {
+            let plan = &input.plan;
+            let n: usize = self.latent_dims(input).iter().product();
+            let scheduler = scheduler::build(plan.scheduler, &self.model.scheduler_config, plan.steps as usize)
+                .map_err(|e| e.to_string())?;
+            let mut rng = TorchGenerator::new(u64::from(input.seed));
+            let (latents, image_latents) = match (plan.task, moments) {
+                (Task::ImageToImage, Some((mean, logvar))) => {
+                    let sample = rng.randn(n);
+                    let scale = self.model.scaling_factor;
+                    let init: Vec<f32> = mean
+                        .iter()
+                        .zip(&logvar)
+                        .zip(&sample)
+                        .map(|((m, lv), s)| (m + (0.5 * lv.clamp(-30.0, 20.0)).exp() * s) * scale)
+                        .collect();
+                    let noise = rng.randn(n);
+                    (scheduler.add_noise(&init, &noise, plan.start as usize), None)
+                }
+                (task, moments) => {
+                    let sigma = scheduler.init_noise_sigma();
+                    let latents = rng.randn(n).into_iter().map(|x| x * sigma).collect();
+                    let image_latents = (task == Task::Edit).then(|| moments.map(|(mean, _)| mean));
+                    (latents, image_latents.flatten())
+                }
+            };
+            states.push(RequestState {
+                scheduler,
+                rng,
+                latents,
+                image_latents,
+            });
+        }
+        Ok(states)
+    }
+
+    /// The VAE posterior's mean and log-variance for each request with an input image.
+    fn encode_images(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Option<(Vec<f32>, Vec<f32>)>>, String> {
+        let with_image: Vec<&[f32]> = batch.iter().filter_map(|i| i.image.as_deref()).collect();
+        if with_image.is_empty() {
+            return Ok(batch.iter().map(|_| None).collect());
+        }
+        let encoder = self
+            .vae_encoder
+            .as_mut()
+            .ok_or("this model has no vae_encoder for its input images")?;
+        let plan = &batch[0].plan;
+        let (h, w) = (plan.height as usize, plan.width as usize);
+        let flat = with_image.concat();
+        let tensor = TensorRef::from_array_view(([with_image.len(), 3, h, w], flat.as_slice())).map_err(err)?;
+        let outputs = encoder.run(ort::inputs!["sample" => tensor]).map_err(err)?;
+        let (_, data) = outputs[self.io.vae_encoder_output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(err)?;
+        let per = data.len() / with_image.len();
+        let half = per / 2;
+        let mut moments = data.chunks_exact(per).map(|m| Some((m[..half].to_vec(), m[half..].to_vec())));
+        Ok(batch
+            .iter()
+            .map(|i| if i.image.is_some() { moments.next().flatten() } else { None })
+            .collect())
+    }
+
+    /// Step `i` for the whole batch: one network call for every row, then each request's guidance
+    /// and scheduler update.
+    fn step(
+        &mut self,
+        batch: &[&DiffusionInput],
+        rows: &Rows,
+        states: &mut [RequestState],
+        i: usize,
+    ) -> Result<(), String> {
+        let dims = self.latent_dims(batch[0]);
+        let n: usize = dims.iter().product();
+        let total_rows: usize = rows.spans.iter().map(|s| s.1).sum();
+        let channels = if states[0].image_latents.is_some() { 2 * dims[0] } else { dims[0] };
+        let mut sample = Vec::with_capacity(total_rows * channels * dims[1] * dims[2]);
+        let mut guidance_rows = Vec::new();
+        for (input, state) in batch.iter().zip(states.iter()) {
+            let mut scaled = state.latents.clone();
+            state.scheduler.scale_model_input(&mut scaled, i);
+            let span_rows = input.plan.rows as usize;
+            for row in 0..span_rows {
+                sample.extend_from_slice(&scaled);
+                if let Some(image) = &state.image_latents {
+                    // A guided edit's third row is unconditional on the image: zeros.
+                    if span_rows == 3 && row == 2 {
+                        sample.extend(std::iter::repeat_n(0.0, image.len()));
+                    } else {
+                        sample.extend_from_slice(image);
+                    }
+                }
+                guidance_rows.push(input.plan.guidance_scale);
+            }
+        }
+        let t = states[0].scheduler.timesteps()[i];
+        let noise = self.unet_call(&sample, [total_rows, channels, dims[1], dims[2]], rows, t, &guidance_rows)?;
+        for ((input, state), &(first, count)) in batch.iter().zip(states.iter_mut()).zip(&rows.spans) {
+            let out = |r: usize| &noise[(first + r) * n..(first + r + 1) * n];
+            let plan = &input.plan;
+            let g = plan.guidance_scale;
+            let prediction: Vec<f32> = match count {
+                1 => out(0).to_vec(),
+                2 => out(0).iter().zip(out(1)).map(|(u, c)| u + g * (c - u)).collect(),
+                _ => {
+                    let ig = plan.image_guidance_scale.unwrap_or(1.0);
+                    let (text, image, uncond) = (out(0), out(1), out(2));
+                    (0..n)
+                        .map(|k| uncond[k] + g * (text[k] - image[k]) + ig * (image[k] - uncond[k]))
+                        .collect()
+                }
+            };
+            state
+                .scheduler
+                .step(&prediction, i, &mut state.latents, &mut state.rng);
+        }
+        Ok(())
+    }
+
+    fn unet_call(
+        &mut self,
+        sample: &[f32],
+        shape: [usize; 4],
+        rows: &Rows,
+        t: f32,
+        guidance_rows: &[f32],
+    ) -> Result<Vec<f32>, String> {
+        let (seq, dim) = rows.embedding_shape;
+        let timesteps = vec![t; if self.io.timestep_per_row { shape[0] } else { 1 }];
+        let timesteps_i64: Vec<i64> = timesteps.iter().map(|&t| t.round() as i64).collect();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            ("sample".into(), TensorRef::from_array_view((shape, sample)).map_err(err)?.into()),
+            (
+                "encoder_hidden_states".into(),
+                TensorRef::from_array_view(([shape[0], seq, dim], rows.embeddings.as_slice()))
+                    .map_err(err)?
+                    .into(),
+            ),
+        ];
+        let timestep: SessionInputValue<'_> = match (self.io.timestep_type, self.io.timestep_per_row) {
+            (TensorElementType::Int64, true) => TensorRef::from_array_view(([shape[0]], timesteps_i64.as_slice()))
+                .map_err(err)?
+                .into(),
+            (TensorElementType::Int64, false) => TensorRef::from_array_view(((), timesteps_i64.as_slice()))
+                .map_err(err)?
+                .into(),
+            (_, true) => TensorRef::from_array_view(([shape[0]], timesteps.as_slice()))
+                .map_err(err)?
+                .into(),
+            (_, false) => TensorRef::from_array_view(((), timesteps.as_slice())).map_err(err)?.into(),
+        };
+        inputs.push(("timestep".into(), timestep));
+        let cond;
+        if let (Some(name), Some(dim)) = (&self.io.timestep_cond, self.model.time_cond_proj_dim) {
+            cond = guidance_rows
+                .iter()
+                .flat_map(|g| guidance_embedding(*g, dim))
+                .collect::<Vec<f32>>();
+            let tensor = TensorRef::from_array_view(([shape[0], dim], cond.as_slice())).map_err(err)?;
+            inputs.push((name.as_str().into(), tensor.into()));
+        }
+        let outputs = self.unet.run(inputs).map_err(err)?;
+        let (_, data) = outputs[self.io.unet_output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(err)?;
+        Ok(data.to_vec())
+    }
+
+    /// Decode every request's latents in one VAE call; a non-finite value fails the batch (so the
+    /// engine retries its requests one by one and only the bad one fails).
+    fn decode(&mut self, batch: &[&DiffusionInput], states: &[RequestState]) -> Result<Vec<Vec<f32>>, String> {
+        let dims = self.latent_dims(batch[0]);
+        let scale = self.model.scaling_factor;
+        let latents: Vec<f32> = states
+            .iter()
+            .flat_map(|s| s.latents.iter().map(move |x| x / scale))
+            .collect();
+        let tensor = TensorRef::from_array_view(([batch.len(), dims[0], dims[1], dims[2]], latents.as_slice()))
+            .map_err(err)?;
+        let outputs = self
+            .vae_decoder
+            .run(ort::inputs!["latent_sample" => tensor])
+            .map_err(err)?;
+        let (_, data) = outputs[self.io.vae_decoder_output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(err)?;
+        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+            return Err(format!("the model produced {bad} (not a finite number) in the image"));
+        }
+        let per = data.len() / batch.len();
+        Ok(data.chunks_exact(per).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl Runner for DiffusionRunner {
+    fn run(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<f32>>, String> {
+        let batch = inputs_of::<DiffusionInput>(inputs)?;
+        self.run_batch(&batch)
+    }
+}
+
+/// diffusers' `get_guidance_scale_embedding(w - 1, dim)`: sines and cosines of `(w − 1) × 1000`,
+/// the guidance input of LCM-distilled UNets (`timestep_cond`).
+pub fn guidance_embedding(guidance_scale: f32, dim: usize) -> Vec<f32> {
+    let w = (guidance_scale - 1.0) * 1000.0;
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|k| (k as f32 * -step).exp()).collect();
+    let mut emb: Vec<f32> = freqs.iter().map(|f| (w * f).sin()).collect();
+    emb.extend(freqs.iter().map(|f| (w * f).cos()));
+    emb.resize(dim, 0.0);
+    emb
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Io {
+    fn read(
+        text_encoder: &Session,
+        unet: &Session,
+        vae_decoder: &Session,
+        vae_encoder: Option<&Session>,
+        model: &DiffusionModel,
+    ) -> anyhow::Result<Self> {
+        use crate::inference::runtime::check_names;
+        let input = |s: &Session, name: &str| s.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype().clone());
+        check_names(text_encoder, &["input_ids"], &[]).map_err(|e| anyhow::anyhow!("text_encoder: {e}"))?;
+        check_names(unet, &["sample", "timestep", "encoder_hidden_states"], &[])
+            .map_err(|e| anyhow::anyhow!("unet: {e}"))?;
+        check_names(vae_decoder, &["latent_sample"], &[]).map_err(|e| anyhow::anyhow!("vae_decoder: {e}"))?;
+        if let Some(encoder) = vae_encoder {
+            check_names(encoder, &["sample"], &[]).map_err(|e| anyhow::anyhow!("vae_encoder: {e}"))?;
+        }
+        let ids = input(text_encoder, "input_ids").and_then(|t| t.tensor_type());
+        let ids_int32 = match ids {
+            Some(TensorElementType::Int64) => false,
+            Some(TensorElementType::Int32) => true,
+            other => anyhow::bail!("text_encoder: input_ids is {other:?}; kiln feeds int64 or int32"),
+        };
+        let timestep = input(unet, "timestep").expect("checked above");
+        let timestep_type = timestep.tensor_type().unwrap_or(TensorElementType::Float32);
+        anyhow::ensure!(
+            matches!(timestep_type, TensorElementType::Float32 | TensorElementType::Int64),
+            "unet: timestep is {timestep_type:?}; kiln feeds float32 or int64"
+        );
+        let timestep_per_row = timestep.tensor_shape().is_some_and(|s| !s.is_empty());
+        for (session, name, part) in [(unet, "sample", "unet"), (vae_decoder, "latent_sample", "vae_decoder")] {
+            let ty = input(session, name).and_then(|t| t.tensor_type());
+            anyhow::ensure!(
+                ty == Some(TensorElementType::Float32),
+                "{part}: {name} is {ty:?}; kiln runs float32 exports (export without --fp16)"
+            );
+        }
+        let timestep_cond = input(unet, "timestep_cond").map(|_| "timestep_cond".to_owned());
+        anyhow::ensure!(
+            timestep_cond.is_some() == model.time_cond_proj_dim.is_some(),
+            "unet: the config's time_cond_proj_dim ({:?}) and the ONNX input timestep_cond ({}) disagree",
+            model.time_cond_proj_dim,
+            if timestep_cond.is_some() { "present" } else { "absent" }
+        );
+        let output = |s: &Session, preferred: &str| {
+            s.outputs()
+                .iter()
+                .find(|o| o.name() == preferred)
+                .or_else(|| s.outputs().first())
+                .map(|o| o.name().to_owned())
+                .unwrap_or_else(|| preferred.to_owned())
+        };
+        Ok(Self {
+            ids_int32,
+            text_output: output(text_encoder, "last_hidden_state"),
+            timestep_type,
+            timestep_per_row,
+            timestep_cond,
+            unet_output: output(unet, "out_sample"),
+            vae_decoder_output: output(vae_decoder, "sample"),
+            vae_encoder_output: vae_encoder.map_or_else(|| "latent_parameters".into(), |e| output(e, "latent_parameters")),
+        })
+    }
+}
