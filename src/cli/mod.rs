@@ -33,8 +33,9 @@ pub struct Cli {
 pub enum Command {
     /// Consume requests from RabbitMQ and reply with images, until SIGTERM.
     Worker,
-    /// Send one photo to the workers and write the PNG they send back.
-    Submit(submit::SubmitArgs),
+    /// Send one request (a photo to stylize, a prompt, or both) and write the PNG the workers send
+    /// back.
+    Submit(Box<submit::SubmitArgs>),
     /// List the models this configuration serves.
     Models,
     /// Load-test a worker started in this process: simulated users per tier, open-loop arrivals
@@ -74,7 +75,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             let app = tokio::task::spawn_blocking(move || Application::build(settings)).await??;
             app.run_until_stopped(kiln::shutdown::shutdown_signal()).await
         }
-        Command::Submit(args) => submit::run(args, &settings).await,
+        Command::Submit(args) => submit::run(*args, &settings).await,
         Command::Bench(args) => bench::run(args, settings).await.map(drop),
         Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {

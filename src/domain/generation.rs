@@ -194,6 +194,9 @@ mod tests {
             assert_eq!(seed(&n).unwrap_err().code, ErrorCode::InvalidParams, "{bad}");
         }
         assert_eq!(count("steps", -3).unwrap_err().code, ErrorCode::InvalidParams);
-        assert_eq!(scale("guidance_scale", -0.5).unwrap_err().code, ErrorCode::InvalidParams);
+        assert_eq!(
+            scale("guidance_scale", -0.5).unwrap_err().code,
+            ErrorCode::InvalidParams
+        );
     }
 }

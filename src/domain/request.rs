@@ -526,7 +526,10 @@ mod tests {
         let g = &req.params.generation;
         assert_eq!(g.task, Some(Task::TextToImage));
         assert_eq!(g.prompt.as_deref(), Some("a cat"));
-        assert_eq!((g.steps, g.seed, g.width, g.height), (Some(20), Some(u32::MAX), Some(512), Some(768)));
+        assert_eq!(
+            (g.steps, g.seed, g.width, g.height),
+            (Some(20), Some(u32::MAX), Some(512), Some(768))
+        );
         assert_eq!(g.guidance_scale, Some(7.5));
 
         let cases = [

@@ -153,7 +153,9 @@ impl Default for CudaSettings {
 pub struct ModelSettings {
     /// Folder holding one sub-folder per model, each with a `manifest.toml`. Default `models`.
     pub dir: PathBuf,
-    /// Models to load, by name. Default: `multistyle26`, `arbitrary-style`.
+    /// Models to load, by name. Default: the style models `multistyle26` and `arbitrary-style`, and
+    /// the bundled tiny diffusion models `sd-tiny-random`, `pix2pix-tiny-random` and
+    /// `lcm-tiny-random` (random weights: for demos and tests; docs/diffusion.md serves real ones).
     pub enabled: Vec<String>,
     /// Run each model once at startup so the first request does not pay for lazy initialisation.
     /// Default true.
@@ -167,7 +169,15 @@ impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models"),
-            enabled: vec!["multistyle26".into(), "arbitrary-style".into()],
+            enabled: [
+                "multistyle26",
+                "arbitrary-style",
+                "sd-tiny-random",
+                "pix2pix-tiny-random",
+                "lcm-tiny-random",
+            ]
+            .map(String::from)
+            .to_vec(),
             warmup: true,
             variants: Default::default(),
         }

@@ -95,7 +95,9 @@ impl CostSettings {
                 u128::from(self.unit_pixels) * u128::from(self.evaluations_per_unit),
             ),
         };
-        u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX).max(1)
+        u64::try_from(numerator.div_ceil(denominator))
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 

@@ -5,8 +5,8 @@ use lapin::message::Delivery;
 use crate::amqp::{OutgoingReply, ReplyRoute};
 use crate::domain::reply::Degraded;
 use crate::domain::{
-    Deferral, GenerationInfo, GenerationRequest, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus, RequestError,
-    Timings,
+    Deferral, GenerationInfo, GenerationRequest, ImageInfo, LimitInfo, PartialRequest, ReplyDocument, ReplyStatus,
+    RequestError, Timings,
 };
 
 /// Routing key on the results exchange for replies to requests whose id could not be read.

@@ -48,7 +48,10 @@ pub fn cases() -> Vec<Case> {
 
 /// The case named `name`.
 pub fn case(name: &str) -> Case {
-    cases().into_iter().find(|c| c.name == name).expect("a case of that name")
+    cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("a case of that name")
 }
 
 /// The request document a producer would send for a case.
@@ -120,7 +123,11 @@ impl Models {
         let mut runners = HashMap::new();
         for name in ["sd-tiny-random", "pix2pix-tiny-random", "lcm-tiny-random"] {
             let manifest = Manifest::load(&repo().join("models").join(name)).expect("the manifest loads");
-            let runner = manifest.pipeline.pipeline().load(&manifest, &runtime).expect("the sessions load");
+            let runner = manifest
+                .pipeline
+                .pipeline()
+                .load(&manifest, &runtime)
+                .expect("the sessions load");
             runners.insert(name.to_owned(), runner);
             manifests.insert(name.to_owned(), manifest);
         }
@@ -134,13 +141,22 @@ impl Models {
     /// Prepare a request as the CPU pool does.
     pub fn prepare(&self, request: &GenerationRequest) -> Prepared {
         let manifest = self.manifest(&request.model);
-        manifest.pipeline.pipeline().prepare(manifest, request).expect("a valid request")
+        manifest
+            .pipeline
+            .pipeline()
+            .prepare(manifest, request)
+            .expect("a valid request")
     }
 
     /// Run prepared requests of one model as one batch; their images.
     pub fn run(&mut self, model: &str, prepared: Vec<Prepared>) -> Vec<RgbImage> {
         let inputs: Vec<&ModelInput> = prepared.iter().map(|p| &p.input).collect();
-        let outputs = self.runners.get_mut(model).unwrap().run(&inputs).expect("the model runs");
+        let outputs = self
+            .runners
+            .get_mut(model)
+            .unwrap()
+            .run(&inputs)
+            .expect("the model runs");
         prepared
             .into_iter()
             .zip(outputs)
@@ -163,7 +179,11 @@ fn every_case_matches_diffusers_within_two_levels() {
         let image = models.render(&parse(&document(&case)));
         let (max, mean) = difference(&image, &reference(&case.reference));
         report.push(format!("{}: max {max}, mean {mean:.3}", case.name));
-        assert!(max <= 2, "{} differs from diffusers by up to {max} levels (mean {mean:.3})", case.name);
+        assert!(
+            max <= 2,
+            "{} differs from diffusers by up to {max} levels (mean {mean:.3})",
+            case.name
+        );
     }
     eprintln!("{}", report.join("\n"));
     assert!(report.len() >= 16, "every scheduler, task and guidance mode has a case");
@@ -174,7 +194,10 @@ fn prompts_are_tokenized_as_diffusers_does_with_ftfy_and_a_long_one_is_cut_and_s
     let models = Models::load();
     for case in cases() {
         let prepared = models.prepare(&parse(&document(&case)));
-        let generation = prepared.generation.as_ref().expect("a diffusion reply says what it did");
+        let generation = prepared
+            .generation
+            .as_ref()
+            .expect("a diffusion reply says what it did");
         assert_eq!(generation.prompt_truncated.is_some(), case.truncated, "{}", case.name);
         let manifest = models.manifest(&case.model);
         let kiln::inference::manifest::PipelineSpec::Diffusion(spec) = &manifest.pipeline else {
@@ -191,7 +214,11 @@ fn prompts_are_tokenized_as_diffusers_does_with_ftfy_and_a_long_one_is_cut_and_s
     let cut = generation.prompt_truncated.expect("the reply says the prompt was cut");
     assert_eq!(cut.tokens_used, 75);
     assert!(cut.tokens_dropped > 0);
-    assert!(long.prompt.to_lowercase().starts_with(&cut.text_used[..40]), "{}", cut.text_used);
+    assert!(
+        long.prompt.to_lowercase().starts_with(&cut.text_used[..40]),
+        "{}",
+        cut.text_used
+    );
 }
 
 #[test]
@@ -199,7 +226,11 @@ fn the_non_ascii_reference_tells_ftfy_tokenization_apart() {
     // The test above would pass a tokenizer without ftfy's fixes if the two tokenizations drew the
     // same picture: they do not (that is why the ftfy one is the reference).
     let case = case("t2i-non-ascii");
-    let without = reference(case.reference_without_ftfy.as_deref().expect("the fixture rendered both"));
+    let without = reference(
+        case.reference_without_ftfy
+            .as_deref()
+            .expect("the fixture rendered both"),
+    );
     let (max, mean) = difference(&reference(&case.reference), &without);
     assert!(max > 2 && mean > 1.0, "max {max}, mean {mean}");
 }
@@ -208,7 +239,10 @@ fn the_non_ascii_reference_tells_ftfy_tokenization_apart() {
 fn batch_companions_move_an_image_by_at_most_one_level() {
     let mut models = Models::load();
     for (lead, others) in [
-        ("t2i-euler", ["t2i-negative", "t2i-euler-no-guidance", "t2i-long-prompt"]),
+        (
+            "t2i-euler",
+            ["t2i-negative", "t2i-euler-no-guidance", "t2i-long-prompt"],
+        ),
         ("i2i-euler", ["i2i-euler", "i2i-euler", "i2i-euler"]),
         ("edit", ["edit", "edit-no-guidance", "edit"]),
     ] {
@@ -241,7 +275,10 @@ fn the_same_request_gives_the_same_bytes_and_the_seed_decides_the_picture() {
     let mut other_seed = document(&base);
     other_seed.params.seed = Some(43u64.into());
     let other = models.render(&parse(&other_seed));
-    assert!(difference(&first, &other).1 > 10.0, "another seed draws another picture");
+    assert!(
+        difference(&first, &other).1 > 10.0,
+        "another seed draws another picture"
+    );
 
     // Without a seed one is drawn, and the reply carries it: sending it back reproduces the image.
     let mut unseeded = document(&base);

@@ -160,7 +160,6 @@ impl Pipeline for DiffusionSpec {
             width: side,
             height: side,
             rows,
-            capped: false,
         };
         let ids = model.tokenizer.encode("warm up").ids;
         let input = DiffusionInput {

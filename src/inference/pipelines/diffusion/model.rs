@@ -198,10 +198,10 @@ impl DiffusionModel {
         };
 
         let config_path = dir.join("scheduler/scheduler_config.json");
-        let config_text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?;
-        let scheduler_config = SchedulerConfig::from_json(&config_text)
-            .with_context(|| format!("invalid {}", config_path.display()))?;
+        let config_text =
+            std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+        let scheduler_config =
+            SchedulerConfig::from_json(&config_text).with_context(|| format!("invalid {}", config_path.display()))?;
         let schedulers = match &spec.schedulers {
             None => SchedulerKind::ALL.to_vec(),
             Some(names) => names.iter().map(|n| scheduler_kind(n)).collect::<anyhow::Result<_>>()?,
@@ -284,7 +284,10 @@ impl DiffusionModel {
 fn scheduler_kind(name: &str) -> anyhow::Result<SchedulerKind> {
     name.parse::<SchedulerKind>().map_err(|_| {
         let known: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
-        anyhow::anyhow!("unknown scheduler {name:?} in the manifest; kiln has {}", known.join(", "))
+        anyhow::anyhow!(
+            "unknown scheduler {name:?} in the manifest; kiln has {}",
+            known.join(", ")
+        )
     })
 }
 

@@ -32,8 +32,6 @@ pub struct Plan {
     /// Rows of the denoising network per step: 2 with classifier-free guidance (unconditional and
     /// conditional), 3 for a guided edit (text, image, unconditional), else 1.
     pub rows: u32,
-    /// The size cap the worker applied under overload, when it made the image smaller.
-    pub capped: bool,
 }
 
 impl Plan {
@@ -56,6 +54,10 @@ impl Plan {
         (self.scheduler as u64) << 48 | u64::from(self.steps) << 24 | u64::from(self.start)
     }
 }
+
+/// Longest prompt taken, in bytes: far more than the text encoder reads (77 tokens), little enough
+/// that tokenizing it (quadratic in a word's length) stays cheap.
+pub const MAX_PROMPT_BYTES: usize = 4096;
 
 fn invalid(message: String) -> RequestError {
     RequestError::new(ErrorCode::InvalidParams, message)
@@ -95,7 +97,11 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
         (false, Some(_)) => {
             return Err(invalid(format!(
                 "task {task} takes no `image`; to start from a picture use task image_to_image{}",
-                if model.tasks.contains(&Task::Edit) { " or edit" } else { "" }
+                if model.tasks.contains(&Task::Edit) {
+                    " or edit"
+                } else {
+                    ""
+                }
             )))
         }
         _ => {}
@@ -112,6 +118,18 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
         }
         Some(_) => {}
     }
+    for (field, text) in [("prompt", &g.prompt), ("negative_prompt", &g.negative_prompt)] {
+        if let Some(text) = text.as_deref().filter(|t| t.len() > MAX_PROMPT_BYTES) {
+            return Err(RequestError::new(
+                ErrorCode::InvalidPrompt,
+                format!(
+                    "the {field} is {} bytes; the most is {MAX_PROMPT_BYTES} (the text encoder reads {} tokens, a few hundred characters)",
+                    text.len(),
+                    model.tokenizer.max_length()
+                ),
+            ));
+        }
+    }
 
     let scheduler = match g.scheduler.as_deref() {
         None => model.default_scheduler,
@@ -126,7 +144,10 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
             if !model.schedulers.contains(&kind) {
                 return Err(RequestError::new(
                     ErrorCode::UnknownScheduler,
-                    format!("{name} does not allow scheduler {name_given}; it allows {}", allowed.join(", ")),
+                    format!(
+                        "{name} does not allow scheduler {name_given}; it allows {}",
+                        allowed.join(", ")
+                    ),
                 ));
             }
             kind
@@ -175,7 +196,7 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
         (_, None) => (None, 0),
     };
 
-    let (width, height, capped) = size(manifest, &manifest.limits, task, request)?;
+    let (width, height) = size(manifest, &manifest.limits, task, request)?;
     let rows = match task {
         _ if model.time_cond_proj_dim.is_some() => 1,
         Task::Edit if guidance_scale > 1.0 && image_guidance_scale.is_some_and(|s| s >= 1.0) => 3,
@@ -194,7 +215,6 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
         width,
         height,
         rows,
-        capped,
     })
 }
 
@@ -207,7 +227,7 @@ fn size(
     limits: &ModelLimits,
     task: Task,
     request: &GenerationRequest,
-) -> Result<(u32, u32, bool), RequestError> {
+) -> Result<(u32, u32), RequestError> {
     let g = &request.params.generation;
     let multiple = limits.multiple_of;
     for (field, value) in [("width", g.width), ("height", g.height)] {
@@ -223,7 +243,10 @@ fn size(
         (true, Some(bytes)) => {
             let (w, h) = crate::imaging::probe_dimensions(bytes, &limits.decode_limits(), "image")?;
             let (w, h) = crate::imaging::fit_long_side(w, h, w.max(h).min(limits.default_max_side));
-            (round_down(w, multiple, limits.min_side), round_down(h, multiple, limits.min_side))
+            (
+                round_down(w, multiple, limits.min_side),
+                round_down(h, multiple, limits.min_side),
+            )
         }
         _ => (limits.default_max_side, limits.default_max_side),
     };
@@ -231,9 +254,12 @@ fn size(
     match request.size_cap {
         Some(cap) if width.max(height) > cap => {
             let (w, h) = crate::imaging::fit_long_side(width, height, cap);
-            Ok((round_down(w, multiple, limits.min_side), round_down(h, multiple, limits.min_side), true))
+            Ok((
+                round_down(w, multiple, limits.min_side),
+                round_down(h, multiple, limits.min_side),
+            ))
         }
-        _ => Ok((width, height, false)),
+        _ => Ok((width, height)),
     }
 }
 

@@ -62,6 +62,9 @@ pub struct RequestState {
     pub image_latents: Option<Vec<f32>>,
 }
 
+/// The VAE posterior of one image: mean and log-variance, `[C, h, w]` each.
+type Moments = (Vec<f32>, Vec<f32>);
+
 /// A batch's rows for the denoising network, made once: which text embedding each row uses.
 struct Rows {
     /// `[R, seq, dim]` embeddings, in row order.
@@ -133,16 +136,23 @@ impl DiffusionRunner {
         let outputs = if self.io.ids_int32 {
             let flat: Vec<i32> = flat.iter().map(|&i| i as i32).collect();
             let tensor = TensorRef::from_array_view(([ids.len(), seq], flat.as_slice())).map_err(err)?;
-            self.text_encoder.run(ort::inputs!["input_ids" => tensor]).map_err(err)?
+            self.text_encoder
+                .run(ort::inputs!["input_ids" => tensor])
+                .map_err(err)?
         } else {
             let tensor = TensorRef::from_array_view(([ids.len(), seq], flat.as_slice())).map_err(err)?;
-            self.text_encoder.run(ort::inputs!["input_ids" => tensor]).map_err(err)?
+            self.text_encoder
+                .run(ort::inputs!["input_ids" => tensor])
+                .map_err(err)?
         };
         let (shape, data) = outputs[self.io.text_output.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(err)?;
         if shape.len() != 3 || shape[0] as usize != ids.len() {
-            return Err(format!("the text encoder returned shape {shape:?} for {} rows", ids.len()));
+            return Err(format!(
+                "the text encoder returned shape {shape:?} for {} rows",
+                ids.len()
+            ));
         }
         Ok(Rows {
             embeddings: data.to_vec(),
@@ -194,7 +204,7 @@ impl DiffusionRunner {
     }
 
     /// The VAE posterior's mean and log-variance for each request with an input image.
-    fn encode_images(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Option<(Vec<f32>, Vec<f32>)>>, String> {
+    fn encode_images(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Option<Moments>>, String> {
         let with_image: Vec<&[f32]> = batch.iter().filter_map(|i| i.image.as_deref()).collect();
         if with_image.is_empty() {
             return Ok(batch.iter().map(|_| None).collect());
@@ -213,10 +223,18 @@ impl DiffusionRunner {
             .map_err(err)?;
         let per = data.len() / with_image.len();
         let half = per / 2;
-        let mut moments = data.chunks_exact(per).map(|m| Some((m[..half].to_vec(), m[half..].to_vec())));
+        let mut moments = data
+            .chunks_exact(per)
+            .map(|m| Some((m[..half].to_vec(), m[half..].to_vec())));
         Ok(batch
             .iter()
-            .map(|i| if i.image.is_some() { moments.next().flatten() } else { None })
+            .map(|i| {
+                if i.image.is_some() {
+                    moments.next().flatten()
+                } else {
+                    None
+                }
+            })
             .collect())
     }
 
@@ -232,7 +250,11 @@ impl DiffusionRunner {
         let dims = self.latent_dims(batch[0]);
         let n: usize = dims.iter().product();
         let total_rows: usize = rows.spans.iter().map(|s| s.1).sum();
-        let channels = if states[0].image_latents.is_some() { 2 * dims[0] } else { dims[0] };
+        let channels = if states[0].image_latents.is_some() {
+            2 * dims[0]
+        } else {
+            dims[0]
+        };
         let mut sample = Vec::with_capacity(total_rows * channels * dims[1] * dims[2]);
         let mut guidance_rows = Vec::new();
         for (input, state) in batch.iter().zip(states.iter()) {
@@ -253,7 +275,13 @@ impl DiffusionRunner {
             }
         }
         let t = states[0].scheduler.timesteps()[i];
-        let noise = self.unet_call(&sample, [total_rows, channels, dims[1], dims[2]], rows, t, &guidance_rows)?;
+        let noise = self.unet_call(
+            &sample,
+            [total_rows, channels, dims[1], dims[2]],
+            rows,
+            t,
+            &guidance_rows,
+        )?;
         for ((input, state), &(first, count)) in batch.iter().zip(states.iter_mut()).zip(&rows.spans) {
             let out = |r: usize| &noise[(first + r) * n..(first + r + 1) * n];
             let plan = &input.plan;
@@ -269,9 +297,7 @@ impl DiffusionRunner {
                         .collect()
                 }
             };
-            state
-                .scheduler
-                .step(&prediction, i, &mut state.latents, &mut state.rng);
+            state.scheduler.step(&prediction, i, &mut state.latents, &mut state.rng);
         }
         Ok(())
     }
@@ -288,7 +314,10 @@ impl DiffusionRunner {
         let timesteps = vec![t; if self.io.timestep_per_row { shape[0] } else { 1 }];
         let timesteps_i64: Vec<i64> = timesteps.iter().map(|&t| t.round() as i64).collect();
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            ("sample".into(), TensorRef::from_array_view((shape, sample)).map_err(err)?.into()),
+            (
+                "sample".into(),
+                TensorRef::from_array_view((shape, sample)).map_err(err)?.into(),
+            ),
             (
                 "encoder_hidden_states".into(),
                 TensorRef::from_array_view(([shape[0], seq, dim], rows.embeddings.as_slice()))
@@ -306,7 +335,9 @@ impl DiffusionRunner {
             (_, true) => TensorRef::from_array_view(([shape[0]], timesteps.as_slice()))
                 .map_err(err)?
                 .into(),
-            (_, false) => TensorRef::from_array_view(((), timesteps.as_slice())).map_err(err)?.into(),
+            (_, false) => TensorRef::from_array_view(((), timesteps.as_slice()))
+                .map_err(err)?
+                .into(),
         };
         inputs.push(("timestep".into(), timestep));
         let cond;
@@ -334,8 +365,8 @@ impl DiffusionRunner {
             .iter()
             .flat_map(|s| s.latents.iter().map(move |x| x / scale))
             .collect();
-        let tensor = TensorRef::from_array_view(([batch.len(), dims[0], dims[1], dims[2]], latents.as_slice()))
-            .map_err(err)?;
+        let tensor =
+            TensorRef::from_array_view(([batch.len(), dims[0], dims[1], dims[2]], latents.as_slice())).map_err(err)?;
         let outputs = self
             .vae_decoder
             .run(ort::inputs!["latent_sample" => tensor])
@@ -435,7 +466,8 @@ impl Io {
             timestep_cond,
             unet_output: output(unet, "out_sample"),
             vae_decoder_output: output(vae_decoder, "sample"),
-            vae_encoder_output: vae_encoder.map_or_else(|| "latent_parameters".into(), |e| output(e, "latent_parameters")),
+            vae_encoder_output: vae_encoder
+                .map_or_else(|| "latent_parameters".into(), |e| output(e, "latent_parameters")),
         })
     }
 }
