@@ -7,6 +7,7 @@ mod bad_input;
 mod batching;
 mod contract;
 mod diffusion;
+mod diffusion_worker;
 mod end_to_end;
 mod execution_provider;
 mod model_rewrite;

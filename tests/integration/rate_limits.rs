@@ -49,7 +49,7 @@ async fn redis() -> redis::aio::MultiplexedConnection {
         .expect("Redis on 127.0.0.1:6379")
 }
 
-async fn forget(prefix: &str) {
+pub(crate) async fn forget(prefix: &str) {
     let mut c = redis().await;
     let keys: Vec<String> = c.keys(format!("{prefix}:*")).await.unwrap();
     if !keys.is_empty() {
