@@ -23,10 +23,13 @@
 //!
 //! Prints a Markdown table and writes `target/bench/worker_throughput.json`.
 
-use std::io::{BufRead, BufReader, Cursor};
+mod common;
+
+use std::io::Cursor;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{mean, repo, settings, Worker};
 
 use kiln::amqp::Topology;
 use kiln::configuration::Settings;
@@ -76,23 +79,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-/// The repository (models, samples): where it was built, or `BENCH_REPO` (not `KILN_*`: those are
-/// settings; for a binary copied to
-/// another machine, e.g. the GPU one, which has no RabbitMQ: run it there with `--raw-only`).
-fn repo() -> PathBuf {
-    std::env::var_os("BENCH_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-}
-
-/// Defaults, then the `KILN_*` environment (provider, runtime library, model variants, ...), which
-/// the worker processes inherit too.
-fn settings(threads: usize) -> Settings {
-    let mut s = Settings::load(None).expect("settings from the KILN_* environment");
-    s.amqp.topology.prefix = format!("kiln-bench-{}", uuid::Uuid::new_v4().simple());
-    s.inference.intra_threads = threads;
-    s.inference.runtime_library = Some(repo().join(s.inference.runtime_library_path()));
-    s
 }
 
 /// The multistyle26 file the settings serve (`variant`: another one its manifest lists).
@@ -229,10 +215,6 @@ fn raw_only(args: &Args, runtime: &Runtime, model: &RawFile, variants: &[RawFile
         serde_json::to_string_pretty(&report).unwrap(),
     )
     .unwrap();
-}
-
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len() as f64
 }
 
 /// Raw rounds of the default file and of each variant on the same batch, one after the other:
@@ -390,15 +372,6 @@ fn jpeg_of_size(size: u32) -> Vec<u8> {
     out.into_inner()
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// What the wire encoding and PNG compression cost per image (milliseconds, this process, one core).
 fn wire_costs(size: u32) -> serde_json::Value {
     use image::ImageEncoder;
@@ -460,76 +433,6 @@ fn wire_costs(size: u32) -> serde_json::Value {
     })
 }
 
-/// A `kiln worker` process with its own topology prefix and batch size.
-struct Worker {
-    child: std::process::Child,
-    settings: Settings,
-    cold_start: f64,
-}
-
-impl Worker {
-    fn spawn(threads: usize, batch: usize) -> Self {
-        let settings = settings(threads);
-        // `BENCH_KILN`: the worker binary on a machine where this one was not built (the GPU kit).
-        let binary =
-            std::env::var_os("BENCH_KILN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")), PathBuf::from);
-        let started = Instant::now();
-        let mut child = Command::new(&binary)
-            .arg("worker")
-            .current_dir(repo())
-            .env("KILN_AMQP__TOPOLOGY__PREFIX", &settings.amqp.topology.prefix)
-            .env("KILN_INFERENCE__INTRA_THREADS", threads.to_string())
-            .env("KILN_BATCHING__MAX_BATCH_SIZE", batch.to_string())
-            // Requests are published all at once: batches fill without waiting.
-            .env("KILN_BATCHING__MAX_QUEUE_DELAY_MS", "0")
-            .env("KILN_AMQP__PREFETCH", (4 * batch).max(16).to_string())
-            // The limiter has its own benchmark (benches/limiter.rs); here one user sends everything.
-            .env("KILN_RATE_LIMIT__ENABLED", "false")
-            .env("KILN_HTTP__BIND", "127.0.0.1:0")
-            .env("KILN_HEARTBEAT__ENABLED", "false")
-            .env("KILN_TELEMETRY__FORMAT", "json")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln binary");
-        // Cold start: process start to "worker ready" (models loaded and warmed, queues consumed).
-        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-        loop {
-            let line = log.next().expect("the worker exited before it was ready").unwrap();
-            if line.contains("worker ready") {
-                break;
-            }
-        }
-        let cold_start = started.elapsed().as_secs_f64();
-        std::thread::spawn(move || for _ in log {});
-        Self {
-            child,
-            settings,
-            cold_start,
-        }
-    }
-
-    fn stop(mut self, rt: &tokio::runtime::Runtime) -> f64 {
-        let rss = peak_rss_mib(self.child.id());
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-        let topology = self.settings.topology();
-        rt.block_on(async {
-            if let Ok(c) = lapin::Connection::connect(
-                secrecy::ExposeSecret::expose_secret(&self.settings.amqp.url),
-                Default::default(),
-            )
-            .await
-            {
-                topology.delete(&c.create_channel().await.unwrap()).await;
-            }
-        });
-        rss
-    }
-}
-
 fn main() {
     let args = args();
     let base = settings(args.threads);
@@ -558,7 +461,14 @@ fn main() {
     let workers: Vec<(usize, Worker)> = args
         .batches
         .iter()
-        .map(|&b| (b, Worker::spawn(args.threads, b)))
+        .map(|&b| {
+            let env = [
+                ("KILN_BATCHING__MAX_BATCH_SIZE", b.to_string()),
+                ("KILN_AMQP__PREFETCH", (4 * b).max(16).to_string()),
+                ("KILN_MODELS__ENABLED", "multistyle26,arbitrary-style".to_owned()),
+            ];
+            (b, Worker::spawn(args.threads, &env))
+        })
         .collect();
     let cold_start = workers[0].1.cold_start;
     let mut producers: Vec<Producer> = workers

@@ -98,8 +98,13 @@ async fn every_kind_of_bad_request_gets_its_error_code_and_is_acknowledged() {
         ),
         (
             "unknown param",
-            with(&["params", "steps"], json!(30)),
+            with(&["params", "sampler"], json!("euler")),
             ErrorCode::MalformedRequest,
+        ),
+        (
+            "a diffusion param for a style model",
+            with(&["params", "steps"], json!(30)),
+            ErrorCode::InvalidParams,
         ),
         (
             "request_id with a space",
