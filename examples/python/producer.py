@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion = parser.add_argument_group("diffusion models")
     diffusion.add_argument("--prompt", help="what to draw; for task edit, the instruction")
     diffusion.add_argument("--negative-prompt", help="what to steer away from (with guidance)")
-    diffusion.add_argument("--task", help="text_to_image, image_to_image or edit (default: the model's first)")
+    diffusion.add_argument("--task", help="text_to_image, image_to_image or edit (default: the model's first task that takes what is sent: a photo or none)")
     diffusion.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     diffusion.add_argument("--guidance-scale", type=float, help="classifier-free guidance; <= 1 turns it off")
     diffusion.add_argument("--image-guidance-scale", type=float, help="edit: how closely to keep to the image")

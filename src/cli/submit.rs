@@ -31,8 +31,8 @@ pub struct SubmitArgs {
     /// Diffusion models: what to steer away from.
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Diffusion models: text_to_image, image_to_image or edit (default: the model's first; with a
-    /// photo on a text-to-image model, image_to_image).
+    /// Diffusion models: text_to_image, image_to_image or edit (default: the model's first task
+    /// that takes what is sent: a photo or none).
     #[arg(long)]
     pub task: Option<String>,
     /// Diffusion models: denoising steps.
@@ -97,10 +97,6 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
             "multistyle26".into()
         }
     });
-    // A photo and a prompt for a text-to-image model: redraw the photo.
-    let task = args.task.clone().or_else(|| {
-        (args.prompt.is_some() && photo.is_some() && !model.contains("pix2pix")).then(|| "image_to_image".into())
-    });
     let params = WireParams {
         style: args.style.as_deref().map(parse_style).transpose()?,
         style_image: args
@@ -111,7 +107,7 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
             .map(|b| WireImage::from_bytes(&b)),
         strength: args.strength,
         size: args.size,
-        task,
+        task: args.task.clone(),
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,

@@ -79,7 +79,16 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
             )));
         }
     }
-    let task = g.task.unwrap_or(model.tasks[0]);
+    // Without a task: the model's first task that takes what was sent (an image or not).
+    let task = g.task.unwrap_or_else(|| {
+        let sent_image = request.image.is_some();
+        model
+            .tasks
+            .iter()
+            .copied()
+            .find(|t| t.takes_image() == sent_image)
+            .unwrap_or(model.tasks[0])
+    });
     if !model.tasks.contains(&task) {
         let tasks: Vec<&str> = model.tasks.iter().map(|t| t.as_str()).collect();
         return Err(RequestError::new(
