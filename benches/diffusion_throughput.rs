@@ -102,7 +102,9 @@ impl RawPipeline {
     fn run(&mut self, batch: usize, size: u32, steps: usize) -> RawRun {
         let started = Instant::now();
         let rows = 2 * batch;
-        let ids: Vec<i64> = (0..batch).flat_map(|_| [self.empty.clone(), self.prompt.clone()].concat()).collect();
+        let ids: Vec<i64> = (0..batch)
+            .flat_map(|_| [self.empty.clone(), self.prompt.clone()].concat())
+            .collect();
         let out = self
             .text_encoder
             .run(ort::inputs!["input_ids" => TensorRef::from_array_view(([rows, 77], ids.as_slice())).unwrap()])
@@ -116,8 +118,9 @@ impl RawPipeline {
         let scheduler = scheduler::build(SchedulerKind::Euler, &self.config, steps).unwrap();
         let mut rng = kiln::diffusion::noise::TorchGenerator::new(0);
         let sigma = scheduler.init_noise_sigma();
-        let mut latents: Vec<Vec<f32>> =
-            (0..batch).map(|_| rng.randn(n).into_iter().map(|x| x * sigma).collect()).collect();
+        let mut latents: Vec<Vec<f32>> = (0..batch)
+            .map(|_| rng.randn(n).into_iter().map(|x| x * sigma).collect())
+            .collect();
         let mut unet_seconds = Vec::with_capacity(steps);
         for i in 0..steps {
             let mut sample = Vec::with_capacity(rows * n);
@@ -140,7 +143,10 @@ impl RawPipeline {
             unet_seconds.push(call.elapsed().as_secs_f64());
             let (_, noise) = out["out_sample"].try_extract_tensor::<f32>().unwrap();
             for (r, l) in latents.iter_mut().enumerate() {
-                let (u, c) = (&noise[2 * r * n..(2 * r + 1) * n], &noise[(2 * r + 1) * n..(2 * r + 2) * n]);
+                let (u, c) = (
+                    &noise[2 * r * n..(2 * r + 1) * n],
+                    &noise[(2 * r + 1) * n..(2 * r + 2) * n],
+                );
                 let guided: Vec<f32> = u.iter().zip(c).map(|(u, c)| u + 7.5 * (c - u)).collect();
                 scheduler.step(&guided, i, l, &mut rng);
             }
@@ -213,8 +219,11 @@ fn main() {
             ("KILN_AMQP__PREFETCH", (4 * batch).max(16).to_string()),
         ];
         let worker = Worker::spawn(args.threads, &env);
+        let cold_start = worker.cold_start;
         let queue = Topology::new(&worker.settings.amqp.topology).requests;
-        let mut producer = rt.block_on(Producer::connect(&worker.settings.amqp.url, &queue)).unwrap();
+        let mut producer = rt
+            .block_on(Producer::connect(&worker.settings.amqp.url, &queue))
+            .unwrap();
         raw.run(batch, args.size, 2); // warm-up at this shape
         rt.block_on(worker_images_per_second(&mut producer, &args, batch));
         let (mut raw_rates, mut worker_rates, mut unet_ms, mut seen) = (vec![], vec![], vec![], vec![]);
@@ -235,7 +244,7 @@ fn main() {
             "batch": batch, "raw_images_per_second": raw_rates, "worker_images_per_second": worker_rates,
             "raw_mean": mean(&raw_rates), "worker_mean": mean(&worker_rates), "ratio": mean(&worker_rates) / mean(&raw_rates),
             "paired_ratios": ratios, "unet_call_ms": unet, "unet_ms_per_image_step": unet / batch as f64,
-            "worker_batch_sizes_seen": seen, "worker_peak_rss_mib": rss,
+            "worker_batch_sizes_seen": seen, "worker_peak_rss_mib": rss, "worker_cold_start_seconds": cold_start,
         }));
     }
     let report = serde_json::json!({

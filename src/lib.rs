@@ -25,7 +25,11 @@
 //!   [`worker::settle`].
 //! - A **new model kind** goes in [`inference::pipelines`]: a file that implements
 //!   [`inference::Pipeline`] (check, prepare, load a [`inference::Runner`], batches, warm-up) on its
-//!   manifest section, and one variant in [`inference::manifest::PipelineSpec`].
+//!   manifest section, and one variant in [`inference::manifest::PipelineSpec`]. The multi-step
+//!   kind, [`inference::pipelines::diffusion`], plans a request (steps, guidance, size, scheduler),
+//!   prepares it (tokens, seed, image) and runs whole requests in batches: text encoder, one UNet
+//!   call per step for every row, each request's own scheduler and noise, VAE decode; its numerics
+//!   (tokenizer, schedulers, torch's generator) are in [`diffusion`].
 //!
 //! # Modules
 //!
@@ -39,6 +43,8 @@
 //! - [`rate_limit`]: per-user limits by tier in Redis (one Lua round trip), with an outage policy.
 //! - [`inference`]: model manifests and registry, the pipeline seam and the kinds, ONNX Runtime and
 //!   execution providers, the inference thread and its batcher.
+//! - [`diffusion`]: the CLIP tokenizer, the noise schedulers and torch's CPU generator, each plain
+//!   data that a request owns (pausable between steps), checked against diffusers and torch.
 //! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
 //! - [`cpu_pool`]: the lower-priority threads for image work around inference, by tier class.
 //! - [`startup`] (assembles the parts), [`shutdown`], [`telemetry`]: process lifecycle.

@@ -48,6 +48,8 @@ const RUN_BUCKETS: &[f64] = &[
 ];
 /// Images per model run.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+/// Rows per denoising network call.
+const ROW_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0];
 
 declare_metrics! {
     /// Every metric of this module, registered in [`REGISTRY`].
@@ -91,6 +93,14 @@ declare_metrics! {
         buckets = RUN_BUCKETS;
     images: IntCounterVec = "kiln_inference_images_total", "counter", ["model"],
         "Images the models rendered.";
+    denoising_steps: IntCounterVec = "kiln_denoising_steps_total", "counter", ["model"],
+        "Diffusion models: image-steps run (one per request per denoising step); rate() is steps/s.";
+    denoising_step: HistogramVec = "kiln_denoising_step_seconds", "histogram", ["model"],
+        "Diffusion models: time of one denoising network call (one step of a whole batch).",
+        buckets = RUN_BUCKETS;
+    denoising_rows: HistogramVec = "kiln_denoising_rows", "histogram", ["model"],
+        "Diffusion models: rows per denoising network call (2 per guided request, 3 per guided edit).",
+        buckets = ROW_BUCKETS;
     busy: Counter = "kiln_inference_busy_seconds_total", "counter", [],
         "Time the inference thread spent running models; rate() of it is the busy fraction.";
     busy_ratio: Gauge = "kiln_inference_busy_ratio", "gauge", [],
@@ -201,6 +211,18 @@ pub fn observe_batch(model: &str, size: usize, seconds: f64) {
     metrics.images.with_label_values(&[model]).inc_by(size as u64);
     metrics.busy.inc_by(seconds.max(0.0));
     IMAGES.fetch_add(size as u64, Ordering::Relaxed);
+}
+
+/// One denoising step of a diffusion batch: `images` requests advanced one step by one network
+/// call of `rows` rows that took `seconds`.
+pub fn observe_denoising_step(model: &str, images: usize, rows: usize, seconds: f64) {
+    let metrics = m();
+    metrics
+        .denoising_steps
+        .with_label_values(&[model])
+        .inc_by(images as u64);
+    metrics.denoising_step.with_label_values(&[model]).observe(seconds);
+    metrics.denoising_rows.with_label_values(&[model]).observe(rows as f64);
 }
 
 /// Busy seconds and images rendered since the process started (for the heartbeat's rates).

@@ -120,11 +120,12 @@ impl Pipeline for DiffusionSpec {
         })
     }
 
-    fn load(&self, _manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Box<dyn Runner>> {
+    fn load(&self, manifest: &Manifest, runtime: &Runtime) -> anyhow::Result<Box<dyn Runner>> {
         let model = Arc::clone(self.model.as_ref().expect("the folder was read"));
         let f = &model.files;
         let vae_encoder = f.vae_encoder.as_deref().map(|p| runtime.session(p)).transpose()?;
         Ok(Box::new(DiffusionRunner::new(
+            &manifest.name,
             runtime.session(&f.text_encoder)?,
             runtime.session(&f.unet)?,
             runtime.session(&f.vae_decoder)?,

@@ -23,6 +23,8 @@ use crate::inference::pipeline::{inputs_of, ModelInput, Runner};
 
 /// The sessions of one diffusion model, with the tensor names and types its export uses.
 pub struct DiffusionRunner {
+    /// The model's name (metrics).
+    name: String,
     text_encoder: Session,
     unet: Session,
     vae_decoder: Session,
@@ -78,6 +80,7 @@ struct Rows {
 impl DiffusionRunner {
     /// Wrap the sessions, checking their inputs and outputs against the folder's description.
     pub fn new(
+        name: &str,
         text_encoder: Session,
         unet: Session,
         vae_decoder: Session,
@@ -86,6 +89,7 @@ impl DiffusionRunner {
     ) -> anyhow::Result<Self> {
         let io = Io::read(&text_encoder, &unet, &vae_decoder, vae_encoder.as_ref(), &model)?;
         Ok(Self {
+            name: name.to_owned(),
             text_encoder,
             unet,
             vae_decoder,
@@ -275,13 +279,11 @@ impl DiffusionRunner {
             }
         }
         let t = states[0].scheduler.timesteps()[i];
-        let noise = self.unet_call(
-            &sample,
-            [total_rows, channels, dims[1], dims[2]],
-            rows,
-            t,
-            &guidance_rows,
-        )?;
+        let started = std::time::Instant::now();
+        let shape = [total_rows, channels, dims[1], dims[2]];
+        let noise = self.unet_call(&sample, shape, rows, t, &guidance_rows)?;
+        let seconds = started.elapsed().as_secs_f64();
+        crate::metrics::observe_denoising_step(&self.name, batch.len(), total_rows, seconds);
         for ((input, state), &(first, count)) in batch.iter().zip(states.iter_mut()).zip(&rows.spans) {
             let out = |r: usize| &noise[(first + r) * n..(first + r + 1) * n];
             let plan = &input.plan;
