@@ -275,3 +275,143 @@ fn size(
 fn round_down(value: u32, multiple: u32, min: u32) -> u32 {
     (value / multiple * multiple).max(min)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::manifest::PipelineSpec;
+
+    fn model(name: &str) -> Manifest {
+        Manifest::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn request(model: &str, params: serde_json::Value, image: bool) -> GenerationRequest {
+        let mut doc = serde_json::json!({
+            "version": 1, "request_id": "r", "user_id": "u", "model": model, "params": params,
+        });
+        if image {
+            let png = std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut-crop-250x198.png"),
+            )
+            .unwrap();
+            doc["image"] = serde_json::json!({"data": crate::domain::WireImage::from_bytes(&png).data});
+        }
+        GenerationRequest::parse(&serde_json::to_vec(&doc).unwrap(), usize::MAX).unwrap()
+    }
+
+    fn plan_of(manifest: &Manifest, request: &GenerationRequest) -> Result<Plan, RequestError> {
+        let PipelineSpec::Diffusion(spec) = &manifest.pipeline else {
+            panic!("a diffusion model")
+        };
+        plan(manifest, spec.model(), request)
+    }
+
+    #[test]
+    fn the_task_follows_what_was_sent_and_defaults_come_from_the_folder() {
+        let sd = model("sd-tiny-random");
+        let p = plan_of(
+            &sd,
+            &request("sd-tiny-random", serde_json::json!({"prompt": "a cat"}), false),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.task, p.scheduler, p.steps, p.start, p.rows),
+            (Task::TextToImage, SchedulerKind::Euler, 10, 0, 2)
+        );
+        assert_eq!((p.width, p.height, p.guidance_scale), (64, 64, 7.5));
+        let p = plan_of(
+            &sd,
+            &request("sd-tiny-random", serde_json::json!({"prompt": "a cat"}), true),
+        )
+        .unwrap();
+        assert_eq!((p.task, p.strength, p.start), (Task::ImageToImage, Some(0.8), 2));
+        assert_eq!(
+            (p.width, p.height),
+            (64, 48),
+            "the photo's aspect, fitted and rounded to 16"
+        );
+        let edit = model("pix2pix-tiny-random");
+        let p = plan_of(
+            &edit,
+            &request("pix2pix-tiny-random", serde_json::json!({"prompt": "snow"}), true),
+        )
+        .unwrap();
+        assert_eq!((p.task, p.rows, p.image_guidance_scale), (Task::Edit, 3, Some(1.5)));
+        // The edit model's scheduler file names Euler ancestral: its default.
+        assert_eq!(p.scheduler, SchedulerKind::EulerAncestral);
+        let lcm = model("lcm-tiny-random");
+        let p = plan_of(
+            &lcm,
+            &request("lcm-tiny-random", serde_json::json!({"prompt": "a cat"}), false),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.scheduler, p.steps, p.rows, p.guidance_scale),
+            (SchedulerKind::Lcm, 4, 1, 8.5)
+        );
+    }
+
+    #[test]
+    fn cost_follows_pixels_steps_and_rows() {
+        let sd = model("sd-tiny-random");
+        let work = |params| plan_of(&sd, &request("sd-tiny-random", params, false)).unwrap().work();
+        let guided = work(serde_json::json!({"prompt": "a", "steps": 20, "width": 128, "height": 64}));
+        assert_eq!((guided.pixels, guided.denoising_evaluations), (128 * 64, Some(40)));
+        let unguided = work(serde_json::json!({"prompt": "a", "steps": 20, "guidance_scale": 1.0}));
+        assert_eq!(unguided.denoising_evaluations, Some(20));
+        let i2i = plan_of(
+            &sd,
+            &request(
+                "sd-tiny-random",
+                serde_json::json!({"prompt": "a", "steps": 10, "strength": 0.6}),
+                true,
+            ),
+        )
+        .unwrap();
+        assert_eq!((i2i.steps_run(), i2i.work().denoising_evaluations), (6, Some(12)));
+    }
+
+    #[test]
+    fn an_overload_cap_renders_smaller_on_the_model_multiple() {
+        let sd = model("sd-tiny-random");
+        let mut r = request(
+            "sd-tiny-random",
+            serde_json::json!({"prompt": "a", "width": 256, "height": 192}),
+            false,
+        );
+        r.size_cap = Some(100);
+        let p = plan_of(&sd, &r).unwrap();
+        assert_eq!((p.width, p.height), (96, 64), "100 × 75, each rounded down to 16");
+        r.size_cap = Some(512);
+        assert_eq!(
+            plan_of(&sd, &r).unwrap().width,
+            256,
+            "a cap above the size changes nothing"
+        );
+    }
+
+    #[test]
+    fn batch_groups_part_schedules_not_prompts_or_guidance() {
+        let sd = model("sd-tiny-random");
+        let group = |params| {
+            plan_of(&sd, &request("sd-tiny-random", params, false))
+                .unwrap()
+                .batch_group()
+        };
+        let base = group(serde_json::json!({"prompt": "a", "steps": 10}));
+        assert_eq!(
+            base,
+            group(serde_json::json!({"prompt": "b", "steps": 10, "guidance_scale": 1.0, "seed": 3}))
+        );
+        assert_ne!(base, group(serde_json::json!({"prompt": "a", "steps": 11})));
+        assert_ne!(
+            base,
+            group(serde_json::json!({"prompt": "a", "steps": 10, "scheduler": "ddim"}))
+        );
+    }
+}
