@@ -398,3 +398,42 @@ async fn kiln_submit_sends_a_prompt_and_writes_the_picture() {
     std::fs::remove_file(&out).unwrap();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn requests_of_one_schedule_share_a_batch_and_each_gets_its_own_picture() {
+    let app = spawn_app_with(|s| {
+        s.batching.max_batch_size = 4;
+        // Long enough that the requests published together are all waiting when the batch forms.
+        s.batching.max_queue_delay_ms = 1500;
+    })
+    .await;
+    let mut producer = app.producer().await;
+    let names = ["t2i-euler", "t2i-negative", "t2i-euler-no-guidance"];
+    let mut docs: Vec<RequestDocument> = names.iter().map(|n| document(&case(n))).collect();
+    // Another step count: another schedule, so another batch.
+    let mut other = document(&case("t2i-euler"));
+    other.request_id = "other-steps".into();
+    other.params.steps = Some(9);
+    docs.push(other);
+    for doc in &docs {
+        producer.send(doc).await.unwrap();
+    }
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..docs.len() {
+        let reply = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
+        replies.insert(reply.document.request_id.clone().unwrap(), reply);
+    }
+    for name in names {
+        let reply = &replies[&format!("case-{name}")];
+        assert_eq!(
+            reply.document.batch_size,
+            Some(3),
+            "{name}: the three ten-step requests ran together"
+        );
+        let (max, _) = difference(&decode_png(&reply.body), &reference(&case(name).reference));
+        assert!(max <= 2, "{name}: {max} levels from its own reference");
+    }
+    assert_eq!(replies["other-steps"].document.batch_size, Some(1));
+    producer.close().await;
+    app.stop().await;
+}
