@@ -20,6 +20,16 @@ pub fn assert_valid_reply(doc: &kiln::domain::ReplyDocument) {
     assert!(errors.is_empty(), "{value}: {errors:?}");
 }
 
+/// Panic unless `doc` validates against the published request schema.
+pub fn assert_valid_request(doc: &kiln::domain::RequestDocument) {
+    let value = serde_json::to_value(doc).unwrap();
+    let errors: Vec<String> = schema("request.v1.schema.json")
+        .iter_errors(&value)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{}: {errors:?}", doc.request_id);
+}
+
 fn schema(file: &str) -> jsonschema::Validator {
     let schema: Value = serde_json::from_slice(&read(&format!("schemas/{file}"))).unwrap();
     jsonschema::validator_for(&schema).unwrap()

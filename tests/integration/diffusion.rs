@@ -190,6 +190,13 @@ fn every_case_matches_diffusers_within_two_levels() {
 }
 
 #[test]
+fn every_case_is_a_request_the_published_schema_accepts() {
+    for case in cases() {
+        crate::contract::assert_valid_request(&document(&case));
+    }
+}
+
+#[test]
 fn prompts_are_tokenized_as_diffusers_does_with_ftfy_and_a_long_one_is_cut_and_said_to_be() {
     let models = Models::load();
     for case in cases() {
