@@ -64,13 +64,15 @@ install -m 0755 "$binary" "$opt/bin/kiln"
 install -m 0755 docker/healthcheck.sh "$opt/bin/kiln-healthcheck"
 
 # Every model folder with a manifest (models/tools is not a model). Only what the worker reads and
-# what the licences require travels: the manifest, the ONNX files, LICENSE and ORIGIN.md.
+# what the licences require travels: the manifest, the ONNX files (and their external weights), a
+# diffusion folder's configs and tokenizer files, LICENSE and ORIGIN.md.
 for manifest in models/*/manifest.toml; do
-  model=$(basename "$(dirname "$manifest")")
-  install -d -m 0755 "$opt/models/$model"
-  for f in "models/$model"/manifest.toml "models/$model"/*.onnx "models/$model"/LICENSE "models/$model"/ORIGIN.md; do
-    [ -f "$f" ] && install -m 0644 "$f" "$opt/models/$model/"
-  done
+  model=$(dirname "$manifest")
+  (cd "$model" && find . -type f \( -name manifest.toml -o -name '*.onnx' -o -name '*.onnx_data' \
+      -o -name '*.json' -o -name merges.txt -o -name LICENSE -o -name ORIGIN.md \) -printf '%P\n') |
+    while read -r f; do
+      install -D -m 0644 "$model/$f" "$opt/models/$(basename "$model")/$f"
+    done
 done
 
 # ONNX Runtime looks for its provider libraries (libonnxruntime_providers_*.so) next to itself.

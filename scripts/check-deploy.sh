@@ -128,7 +128,8 @@ docker/build-rootfs.sh --flavor cpu --profile dev "$rootfs" 2> "$work/rootfs.log
 kiln=$rootfs/opt/kiln/bin/kiln
 for f in opt/kiln/bin/kiln opt/kiln/bin/kiln-healthcheck opt/kiln/runtime/libonnxruntime.so.1.31.1 \
          opt/kiln/runtime/SHA256SUMS opt/kiln/BUILD etc/kiln/kiln.toml \
-         opt/kiln/models/multistyle26/manifest.toml opt/kiln/models/arbitrary-style/manifest.toml; do
+         opt/kiln/models/multistyle26/manifest.toml opt/kiln/models/arbitrary-style/manifest.toml \
+         opt/kiln/models/sd-tiny-random/unet/model.onnx opt/kiln/models/sd-tiny-random/tokenizer/vocab.json; do
   [ -s "$rootfs/$f" ] || { echo "layout: /$f is missing or empty" >&2; exit 1; }
 done
 [ -x "$kiln" ] && [ -x "$rootfs/opt/kiln/bin/kiln-healthcheck" ] || { echo "layout: bin/ is not executable" >&2; exit 1; }

@@ -103,6 +103,11 @@ impl DiffusionRunner {
     /// per request.
     pub fn run_batch(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Vec<f32>>, String> {
         let plan = &batch[0].plan;
+        // The batcher keys batches by size and group; a mix here would be a bug, not bad input.
+        let schedule = |p: &super::Plan| (p.scheduler, p.steps, p.start, p.width, p.height, p.task);
+        if batch.iter().any(|i| schedule(&i.plan) != schedule(plan)) {
+            return Err("a diffusion batch mixed sizes, schedules or tasks".into());
+        }
         let rows = self.encode_text(batch)?;
         let mut states = self.start(batch)?;
         for i in plan.start as usize..plan.steps as usize {
