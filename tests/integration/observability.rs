@@ -857,7 +857,8 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     // errors, the fallback, local decisions), a deferral, an expiry, a dead letter, heartbeats.
     let redis_port = free_port();
     let app = spawn_app_alone_with(|s| {
-        one_model(s);
+        // A style model and a diffusion model (its denoising metrics).
+        s.models.enabled = vec!["multistyle26".into(), "sd-tiny-random".into()];
         s.heartbeat.enabled = true;
         s.heartbeat.interval_ms = 200;
         s.rate_limit.enabled = true;
@@ -876,6 +877,10 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
         .await
         .unwrap();
     assert_eq!(reply.document.status, ReplyStatus::Ok);
+    let mut drawn = crate::diffusion::document(&crate::diffusion::case("t2i-lcm"));
+    drawn.user_id = "test-user-diffusion".into();
+    let reply = producer.request(&drawn, REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(reply.document.status, ReplyStatus::Ok, "{:?}", reply.document.error);
     let second = request(&photo, Some(WireStyle::Index(1)));
     producer.send(&second).await.unwrap();
     let notice = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
@@ -910,7 +915,7 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
             "kiln_rate_limit_decisions_total",
             &[("tier", "free"), ("result", "admitted")]
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         s.sum(
@@ -924,8 +929,12 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     assert_eq!(s.sum("kiln_requests_total", &[("outcome", "dead_lettered")]), 1.0);
     assert_eq!(
         s.sum("kiln_requests_total", &[("tier", "free"), ("outcome", "ok")]),
-        1.0
+        2.0
     );
+    // t2i-lcm: 4 steps of one request, one row each (no guidance).
+    assert_eq!(s.sum("kiln_denoising_steps_total", &[("model", "sd-tiny-random")]), 4.0);
+    assert_eq!(s.sum("kiln_denoising_rows_count", &[("model", "sd-tiny-random")]), 4.0);
+    assert_eq!(s.sum("kiln_denoising_rows_sum", &[("model", "sd-tiny-random")]), 4.0);
 
     let exported = s.names();
     let gpu: BTreeSet<String> = kiln::gpu::METRIC_NAMES.iter().map(|n| n.to_string()).collect();
