@@ -81,8 +81,10 @@ struct RawRun {
 }
 
 impl RawPipeline {
-    fn load(runtime: &Runtime, model: &str) -> Self {
-        let dir = repo().join("models").join(model);
+    /// The model `model` in `models_dir` (`models.dir`: `KILN_MODELS__DIR` moves it, for the worker
+    /// too).
+    fn load(runtime: &Runtime, models_dir: &std::path::Path, model: &str) -> Self {
+        let dir = repo().join(models_dir).join(model);
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
         let config =
             SchedulerConfig::from_json(&std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).unwrap())
@@ -201,7 +203,7 @@ fn main() {
     let args = args();
     let base = settings(args.threads);
     let runtime = Runtime::init(&base.inference).expect("ONNX Runtime (run scripts/setup.sh)");
-    let mut raw = RawPipeline::load(&runtime, &args.model);
+    let mut raw = RawPipeline::load(&runtime, &base.models.dir, &args.model);
     let rt = tokio::runtime::Runtime::new().unwrap();
     eprintln!(
         "provider {}, model {}, {} px, {} steps, threads {}",

@@ -9,20 +9,34 @@
 #           batch, in alternating rounds (benches/worker_throughput.rs), through a RabbitMQ and a
 #           Redis started from the kit (scripts/services-start.sh; that machine has neither), and
 #           the batching gain the worker captures. Writes $OUT/gpu-worker-check.md.
-#   bash scripts/gpu-check.sh raw|worker [extra worker_throughput arguments]
+#   diffusion  a Stable Diffusion 1.5-shaped pipeline (graphs from models/tools/make_sd15_shaped.py,
+#           random weights written here by models/tools/fill_random_weights.py): the UNet's step
+#           time by batch at 512 px, and `kiln worker` against the raw ONNX Runtime loop at the same
+#           size, steps and batch (benches/diffusion_throughput.rs), through the kit's RabbitMQ.
+#           Writes $OUT/gpu-diffusion-check.md.
+#   bash scripts/gpu-check.sh raw|worker|diffusion [extra benchmark arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: gpu-check.sh raw|worker [worker_throughput arguments]}
+mode=${1:?usage: gpu-check.sh raw|worker|diffusion [benchmark arguments]}
 shift
 G=${GPU_KIT:-/root/gk}
 out=${OUT:-/tmp}
 bash "$G/setup.sh"
 # shellcheck disable=SC1091
 . "$G/env.sh"
-xz -d -c "$G/raw-bench.xz" > /tmp/raw-bench && chmod +x /tmp/raw-bench
+bench=/tmp/raw-bench
 export BENCH_REPO=$PWD
 export KILN_INFERENCE__EXECUTION_PROVIDER=${KILN_INFERENCE__EXECUTION_PROVIDER:-cuda}
 export KILN_INFERENCE__RUNTIME_LIBRARY=${KILN_INFERENCE__RUNTIME_LIBRARY:-$G/libonnxruntime.so.1.31.1}
+
+start_services() {
+  xz -d -c "$G/kiln.xz" > /tmp/kiln && chmod +x /tmp/kiln
+  urls=$(scripts/services-start.sh "$G/services.tar.xz" /tmp/kiln-services)
+  trap '/tmp/kiln-services/stop.sh' EXIT
+  export BENCH_KILN=/tmp/kiln
+  export KILN_AMQP__URL=${urls%% *}
+  export KILN_RATE_LIMIT__REDIS_URL=${urls##* }
+}
 
 case $mode in
   raw)
@@ -31,21 +45,33 @@ case $mode in
     ;;
   worker)
     report=$out/gpu-worker-check.md
-    xz -d -c "$G/kiln.xz" > /tmp/kiln && chmod +x /tmp/kiln
-    urls=$(scripts/services-start.sh "$G/services.tar.xz" /tmp/kiln-services)
-    trap '/tmp/kiln-services/stop.sh' EXIT
-    export BENCH_KILN=/tmp/kiln
-    export KILN_AMQP__URL=${urls%% *}
-    export KILN_RATE_LIMIT__REDIS_URL=${urls##* }
+    start_services
     args=(--sizes "256,512" --batches "1,4,16" --rounds 3 --seconds 2)
     ;;
-  *) echo "unknown check: $mode (raw or worker)" >&2; exit 2 ;;
+  diffusion)
+    report=$out/gpu-diffusion-check.md
+    bench=/tmp/diffusion-bench
+    xz -d -c "$G/diffusion-bench.xz" > "$bench" && chmod +x "$bench"
+    models=/tmp/kiln-models
+    mkdir -p "$models" && tar -xJf "$G/sd15-random.tar.xz" -C "$models"
+    "${GPU_PYTHON:-/opt/torch/.venv/bin/python}" models/tools/fill_random_weights.py "$models/sd15-random"
+    export KILN_MODELS__DIR=$models
+    # cuDNN's exhaustive search at every new shape, in every worker the benchmark starts, would not
+    # fit one call; both sides run with the same (heuristic) choice.
+    export KILN_INFERENCE__CUDA__CONV_ALGORITHM_SEARCH=${KILN_INFERENCE__CUDA__CONV_ALGORITHM_SEARCH:-heuristic}
+    start_services
+    args=(--model sd15-random --size 512 --steps 20 --batches "1,4,8" --rounds 2)
+    ;;
+  *) echo "unknown check: $mode (raw, worker or diffusion)" >&2; exit 2 ;;
 esac
+if [ "$bench" = /tmp/raw-bench ]; then
+  xz -d -c "$G/raw-bench.xz" > /tmp/raw-bench && chmod +x /tmp/raw-bench
+fi
 {
   echo "# GPU check ($mode), $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
   echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) x $(nproc)"
   echo
 } > "$report"
-/tmp/raw-bench "${args[@]}" "$@" 2>&1 | tee -a "$report"
-cp target/bench/worker_throughput.json target/bench/raw_variants.json "$out/" 2>/dev/null || true
+"$bench" "${args[@]}" "$@" 2>&1 | tee -a "$report"
+cp target/bench/worker_throughput.json target/bench/raw_variants.json target/bench/diffusion_throughput.json "$out/" 2>/dev/null || true
