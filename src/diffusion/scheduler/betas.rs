@@ -5,8 +5,49 @@
 
 use serde_json::Value;
 
-use super::config::Keys;
+use super::config::{Keys, Prediction};
 use super::SchedulerError;
+
+/// What DDIM and LCM read alike: the training schedule, the alpha "before" the first training
+/// step (`set_alpha_to_one`), how the model's output is read, and the clipping of the predicted
+/// sample (`clip_sample`, whose default differs: DDIM true, LCM false).
+pub(crate) struct AlphaSchedule {
+    pub(crate) alphas_cumprod: Vec<f32>,
+    pub(crate) final_alpha_cumprod: f32,
+    pub(crate) prediction: Prediction,
+    /// `clip_sample_range` when `clip_sample` is set.
+    pub(crate) clip: Option<f32>,
+}
+
+impl AlphaSchedule {
+    /// Read those keys, with the scheduler's beta defaults and `clip_sample` default.
+    pub(crate) fn read(keys: &Keys<'_>, betas: &BetaDefaults, clip_by_default: bool) -> Result<Self, SchedulerError> {
+        let alphas_cumprod = alphas_cumprod(keys, betas)?;
+        let final_alpha_cumprod = if keys.bool("set_alpha_to_one", true)? {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let prediction = keys.choice(
+            "prediction_type",
+            "epsilon",
+            &[
+                ("epsilon", Prediction::Epsilon),
+                ("sample", Prediction::Sample),
+                ("v_prediction", Prediction::V),
+            ],
+        )?;
+        keys.refuse_true("thresholding")?;
+        let clip_range = keys.f64("clip_sample_range", 1.0)? as f32;
+        let clip = keys.bool("clip_sample", clip_by_default)?.then_some(clip_range);
+        Ok(Self {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            clip,
+        })
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 enum BetaSchedule {

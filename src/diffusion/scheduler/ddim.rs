@@ -4,7 +4,7 @@
 //! this class) and the noise, and re-noises `x̂₀` to the previous timestep `t - T / steps` (diffusers
 //! uses that offset whatever the spacing). The sample needs no input scaling; `init_noise_sigma` is 1.
 
-use super::betas::{alphas_cumprod, DDPM_BETAS};
+use super::betas::{AlphaSchedule, DDPM_BETAS};
 use super::config::{Prediction, SchedulerConfig, SPACINGS};
 use super::spacing::integer_timesteps;
 use super::{assert_same_len, check_steps, check_timesteps, clamp, Scheduler, SchedulerError, SchedulerKind};
@@ -29,24 +29,13 @@ impl Ddim {
     /// Reads the keys `DDIMScheduler.__init__` knows, with its defaults.
     pub(crate) fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         let keys = config.reader(SchedulerKind::Ddim);
-        let alphas_cumprod = alphas_cumprod(&keys, &DDPM_BETAS)?;
-        let final_alpha_cumprod = if keys.bool("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let prediction = keys.choice(
-            "prediction_type",
-            "epsilon",
-            &[
-                ("epsilon", Prediction::Epsilon),
-                ("sample", Prediction::Sample),
-                ("v_prediction", Prediction::V),
-            ],
-        )?;
-        keys.refuse_true("thresholding")?;
-        let clip_range = keys.f64("clip_sample_range", 1.0)? as f32;
-        let clip = keys.bool("clip_sample", true)?.then_some(clip_range);
+        // DDIMScheduler clips by default (`clip_sample=True`): a config without the key clips.
+        let AlphaSchedule {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            clip,
+        } = AlphaSchedule::read(&keys, &DDPM_BETAS, true)?;
         let spacing = keys.choice("timestep_spacing", "leading", &SPACINGS)?;
         let offset = keys.usize("steps_offset", 0)?;
         let train_steps = alphas_cumprod.len();

@@ -6,7 +6,7 @@
 //! the last step, re-noises it to the next timestep with `randn(model_output.len())` from the request's
 //! generator. At the last step the sample becomes `denoised`.
 
-use super::betas::{alphas_cumprod, BetaDefaults};
+use super::betas::{AlphaSchedule, BetaDefaults};
 use super::config::{Prediction, SchedulerConfig};
 use super::ddim::add_noise_at;
 use super::spacing::np_linspace;
@@ -36,24 +36,12 @@ impl Lcm {
     /// Reads the keys `LCMScheduler.__init__` knows, with its defaults.
     pub(crate) fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         let keys = config.reader(SchedulerKind::Lcm);
-        let alphas_cumprod = alphas_cumprod(&keys, &LCM_BETAS)?;
-        let final_alpha_cumprod = if keys.bool("set_alpha_to_one", true)? {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let prediction = keys.choice(
-            "prediction_type",
-            "epsilon",
-            &[
-                ("epsilon", Prediction::Epsilon),
-                ("sample", Prediction::Sample),
-                ("v_prediction", Prediction::V),
-            ],
-        )?;
-        keys.refuse_true("thresholding")?;
-        let clip_range = keys.f64("clip_sample_range", 1.0)? as f32;
-        let clip = keys.bool("clip_sample", false)?.then_some(clip_range);
+        let AlphaSchedule {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            clip,
+        } = AlphaSchedule::read(&keys, &LCM_BETAS, false)?;
         let timestep_scaling = keys.f64("timestep_scaling", 10.0)? as f32;
         let train_steps = alphas_cumprod.len();
         check_steps(SchedulerKind::Lcm, steps, train_steps)?;
