@@ -16,7 +16,7 @@ use lapin::Connection;
 use crate::amqp::connect::connect_with_retry;
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
-use crate::amqp::{Consumers, SessionEnd};
+use crate::amqp::{Consumers, ReplyQueues, SessionEnd};
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
@@ -122,6 +122,7 @@ impl Application {
                 c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name) => c?,
                 () = &mut shutdown => return Ok(()),
             };
+            let connection = Arc::new(connection);
             match self.session(&connection, &mut shutdown).await? {
                 SessionEnd::Stopped => {
                     let _ = connection.close(200, "worker shutting down".into()).await;
@@ -147,7 +148,7 @@ impl Application {
     /// serve deliveries until shutdown or connection loss.
     async fn session(
         &self,
-        connection: &Connection,
+        connection: &Arc<Connection>,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> anyhow::Result<SessionEnd> {
         let topology = &self.services.topology;
@@ -169,7 +170,8 @@ impl Application {
             )
         })?;
 
-        let worker = Worker::new(self.services.clone(), publisher.clone());
+        let reply_queues = ReplyQueues::new(Arc::clone(connection));
+        let worker = Worker::new(self.services.clone(), publisher.clone(), reply_queues);
         self.observability.health().set_broker(BrokerState::Consuming);
         tracing::info!(
             worker_id = %self.services.worker_id,

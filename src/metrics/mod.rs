@@ -84,7 +84,8 @@ declare_metrics! {
     deferrals: IntCounterVec = "kiln_deferrals_total", "counter", ["reason"],
         "Requests put in a delay queue, by the limit that deferred them.";
     dead_letters: IntCounterVec = "kiln_dead_letters_total", "counter", ["reason"],
-        "Requests this worker dead-lettered (rejected without requeue), by reason.";
+        "Requests this worker dead-lettered (rejected without requeue), by reason: unroutable (the reply came \
+         back), reply_queue_gone (the producer's reply queue was gone on arrival: never rendered or charged).";
     batch_size: HistogramVec = "kiln_inference_batch_size", "histogram", ["model"],
         "Images per model run.",
         buckets = BATCH_BUCKETS;

@@ -33,7 +33,7 @@ use tracing::Instrument;
 
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
-use crate::amqp::Topology;
+use crate::amqp::{ReplyQueues, Topology};
 use crate::cpu_pool::CpuPool;
 use crate::domain::{ImageInfo, RequestError, Timings};
 use crate::inference::{InferenceHandle, ModelRegistry};
@@ -79,12 +79,18 @@ pub struct Services {
 pub struct Worker {
     services: Services,
     publisher: ReplyPublisher,
+    reply_queues: ReplyQueues,
 }
 
 impl Worker {
-    /// A worker publishing replies through `publisher`.
-    pub fn new(services: Services, publisher: ReplyPublisher) -> Self {
-        Self { services, publisher }
+    /// A worker publishing replies through `publisher`, checking `reply_to` queues with
+    /// `reply_queues` (on the same connection).
+    pub fn new(services: Services, publisher: ReplyPublisher, reply_queues: ReplyQueues) -> Self {
+        Self {
+            services,
+            publisher,
+            reply_queues,
+        }
     }
 
     /// Handle one delivery from `queue` completely: reply (or defer), then settle it with the broker.
@@ -140,6 +146,18 @@ impl Worker {
         observed.parsed(&services.registry, &request.model, timings.queue_wait);
         observed.queue_tier(&services.schedule.class(incoming.class).tier);
         let mut target = ReplyTarget::of(request);
+
+        // Nobody to answer: the producer gave up and its reply queue went with it. Dead-letter
+        // the request before it costs a device run, a charge or a trip through the delay queues.
+        if let Some(queue) = delivery.properties.reply_to().as_ref().map(|q| q.as_str()) {
+            if self.reply_queues.gone(queue, incoming.deferrals > 0).await {
+                tracing::warn!(
+                    reply_to = queue,
+                    "the reply queue is gone: dead-lettering the request unserved"
+                );
+                return settle::settle(&delivery, Ending::ReplyQueueGone(queue.to_owned())).await;
+            }
+        }
 
         // 2. Admission: deadline, overload policy, the user's limits.
         let admission = admission::admit(services, &mut incoming).await;

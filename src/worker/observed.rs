@@ -62,8 +62,8 @@ impl Observed {
     /// The delivery is settled: count it and record its latencies.
     pub(super) fn finish(self, outcome: &Outcome) {
         let label = outcome_label(outcome);
-        if matches!(outcome, Outcome::DeadLettered { .. }) {
-            metrics::record_dead_letter("unroutable");
+        if let Outcome::DeadLettered { cause, .. } = outcome {
+            metrics::record_dead_letter(cause);
         }
         let rendered = matches!(outcome, Outcome::Replied { error: None });
         metrics::record_request(&RequestRecord {

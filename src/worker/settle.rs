@@ -8,6 +8,7 @@
 //! |----------------------------------------------------|----------------------------------------|
 //! | reply (image or error) confirmed                   | ack                                    |
 //! | reply unroutable (no queue for it)                 | reject, no requeue → dead-letter queue |
+//! | its `reply_to` queue is gone (checked on arrival)  | reject, no requeue → dead-letter queue |
 //! | reply nacked by the broker                         | nack, requeue → retried later          |
 //! | copy in a delay queue confirmed (deferral)         | ack (the copy comes back later)        |
 //! | copy not taken by the broker                       | nack, requeue                          |
@@ -35,10 +36,13 @@ pub enum Outcome {
         /// How long the copy waits.
         retry_after_ms: u64,
     },
-    /// The reply could not be routed: the request went to the dead-letter queue.
+    /// Nobody could receive its reply: the request went to the dead-letter queue.
     DeadLettered {
-        /// Why.
+        /// Why, for the log.
         reason: String,
+        /// Why, for the metric: `unroutable` (the reply came back) or `reply_queue_gone` (seen on
+        /// arrival, before any work).
+        cause: &'static str,
     },
     /// The request went back to the queue for another try.
     Requeued {
@@ -98,6 +102,8 @@ pub(super) enum Ending {
     ReplyConfirmed(Option<ErrorCode>),
     /// Its reply came back unroutable.
     ReplyUnroutable(String),
+    /// Its `reply_to` queue was gone when it arrived: nobody can receive a reply.
+    ReplyQueueGone(String),
     /// The broker refused to store its reply.
     ReplyNacked,
     /// Its copy waits in a delay queue for this long.
@@ -152,6 +158,14 @@ fn decide(ending: Ending) -> (Action, Outcome) {
             Action::DeadLetter,
             Outcome::DeadLettered {
                 reason: format!("the reply could not be routed ({why})"),
+                cause: "unroutable",
+            },
+        ),
+        Ending::ReplyQueueGone(queue) => (
+            Action::DeadLetter,
+            Outcome::DeadLettered {
+                reason: format!("its reply queue {queue:?} is gone: its producer gave up"),
+                cause: "reply_queue_gone",
             },
         ),
         Ending::ReplyNacked => (
@@ -205,6 +219,7 @@ mod tests {
         );
         assert_eq!(action(Ending::CopyConfirmed(1000)), Action::Ack);
         assert_eq!(action(Ending::ReplyUnroutable("NO_ROUTE".into())), Action::DeadLetter);
+        assert_eq!(action(Ending::ReplyQueueGone("amq.gen-x".into())), Action::DeadLetter);
         assert_eq!(action(Ending::ReplyNacked), Action::Requeue);
         assert_eq!(action(Ending::CopyRefused("nacked".into())), Action::Requeue);
         assert_eq!(action(Ending::WorkerUnavailable("gone")), Action::Requeue);

@@ -240,7 +240,8 @@ impl Drop for TestApp {
     }
 }
 
-fn passive() -> QueueDeclareOptions {
+/// Options of a passive declare: does the queue exist?
+pub fn passive() -> QueueDeclareOptions {
     QueueDeclareOptions {
         passive: true,
         ..Default::default()

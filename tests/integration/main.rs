@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod abandoned;
 mod bad_input;
 mod batching;
 mod contract;

@@ -51,9 +51,11 @@ async fn each_delivery_has_the_outcome_the_ack_policy_gives_it() {
     let connection = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology.declare(&channel).await.unwrap();
+    let connection = std::sync::Arc::new(connection);
     let worker = Worker::new(
         services,
         ReplyPublisher::open(&connection, &topology.results).await.unwrap(),
+        kiln::amqp::ReplyQueues::new(std::sync::Arc::clone(&connection)),
     );
     let admin = admin_channel().await;
     let replies = exclusive_queue(&admin).await;
