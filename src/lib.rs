@@ -56,6 +56,7 @@
 //!   lives in the binary.
 
 pub mod amqp;
+pub mod cancel;
 pub mod configuration;
 pub mod cpu_pool;
 pub mod diffusion;

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     InferenceFailed,
     /// A fault in the worker itself.
     Internal,
+    /// Its producer cancelled it (a message on the cancel exchange) before it finished.
+    Cancelled,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::InferenceFailed => "inference_failed",
             Self::Internal => "internal",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -121,6 +124,7 @@ mod tests {
             ErrorCode::RateLimited,
             ErrorCode::InferenceFailed,
             ErrorCode::Internal,
+            ErrorCode::Cancelled,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
