@@ -13,9 +13,18 @@ shape, name) is written to `weights.json`. The result is a few MB (`sd15-random.
     /work/fixture-venv/bin/python models/tools/make_sd15_shaped.py OUT_DIR
 
 Needs the fixture venv (torch 2.15.0, diffusers 0.35.2, transformers 4.57.6, optimum 2.1.0,
-optimum-onnx 0.1.0, onnx 1.23.2, open_clip_torch 3.3.0), ~12 GB of disk and ~16 GB of memory; takes
-10–20 minutes on 2 cores. Writes OUT_DIR/sd15-random/ (graphs, configs, tokenizer, manifest) and
+optimum-onnx 0.1.0, onnx 1.23.2, onnxruntime 1.31.1, open_clip_torch 3.3.0), ~12 GB of disk and
+~16 GB of memory; takes 10–20 minutes on 2 cores. Writes OUT_DIR/sd15-random/ (graphs, configs, tokenizer, manifest) and
 OUT_DIR/sd15-random.tar.xz.
+
+The UNet takes one timestep per batch row (`timestep` [batch_size], what step-level batching feeds):
+right after the export, while the weights are still there, `per_row_timestep.apply` rewrites its graph
+(removes the Unsqueeze(axes=[0]) on `timestep`; see models/tools/per_row_timestep.py) after checking it
+with onnxruntime against the export (4 rows at different timesteps against each row alone). The
+committed archive was rewritten that way afterwards, without re-exporting: unpacked, the UNet's weights
+written with `fill_random_weights.py sd15-random/unet`, `per_row_timestep.py sd15-random` (every max
+|diff| 0 on CPU), `weights.bin` deleted, repacked with `tarfile` as below (same members, same order; only
+unet/model.onnx changed, 1,090,191 -> 1,090,547 bytes).
 """
 
 import json
@@ -36,6 +45,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clip_vocab  # noqa: E402
+import per_row_timestep  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5's configs, key for key where it matters for shapes.
 TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -124,6 +134,8 @@ def main(out: Path):
         dest = out / "sd15-random"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(exported, dest)
+    # One timestep per batch row; verified against the export with its weights, before they are moved out.
+    per_row_timestep.apply(dest / "unet" / "model.onnx", log=log)
     for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         strip(dest / part / "model.onnx")
     (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")

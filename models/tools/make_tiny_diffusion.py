@@ -17,7 +17,11 @@ How
     scaled so that the images are not flat and every request parameter visibly moves them, see
     `tune_*`), saved as diffusers pipelines with `save_pretrained` into a temporary folder outside the
     repository, and exported with `optimum.exporters.onnx.main_export` (optimum's own validation on).
-    The scheduler configs are then overwritten with the upstream hub files' contents. The references
+    The scheduler configs are then overwritten with the upstream hub files' contents. The UNets of
+    sd-tiny-random and pix2pix-tiny-random then get one timestep per batch row (`timestep` [batch_size]
+    instead of a scalar) from `per_row_timestep.apply` (models/tools/per_row_timestep.py, which verifies
+    the rewritten graph against the export before writing it); lcm-tiny-random's UNet keeps optimum's
+    scalar `timestep` on purpose, so that kiln's path for exports that are not rewritten stays tested. The references
     are computed with diffusers' own PyTorch pipelines (float32, CPU) on the saved torch weights, with
     schedulers built by `<Scheduler>.from_pretrained(<exported model folder>, subfolder="scheduler")`.
     The script then re-renders every case with the ONNX files swapped in for the torch modules (same
@@ -67,6 +71,7 @@ OUT = DATA / "diffusion"
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clip_vocab  # noqa: E402
+import per_row_timestep  # noqa: E402
 
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -230,6 +235,8 @@ def case(name, model, task, pipeline, scheduler, prompt=PROMPT, negative_prompt=
 
 
 SD, P2P, LCM = "sd-tiny-random", "pix2pix-tiny-random", "lcm-tiny-random"
+# UNets rewritten to take one timestep per batch row (models/tools/per_row_timestep.py); LCM's stays scalar.
+PER_ROW_TIMESTEP = (SD, P2P)
 T2I, I2I, EDIT = "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInstructPix2PixPipeline"
 ASTRONAUT, CHELSEA = "diffusion/astronaut-64x64.png", "diffusion/chelsea-64x64.png"
 CASES = [
@@ -464,14 +471,16 @@ def use_onnx(pipe, model_dir):
     sess = {p: ort.InferenceSession(str(model_dir / p / "model.onnx"), opts, providers=["CPUExecutionProvider"])
             for p in ("text_encoder", "unet", "vae_encoder", "vae_decoder")}
     unet_inputs = {i.name for i in sess["unet"].get_inputs()}
+    per_row = any(i.name == "timestep" and len(i.shape) == 1 for i in sess["unet"].get_inputs())
 
     def text_encoder(input_ids, attention_mask=None, **kw):
         out = sess["text_encoder"].run(["last_hidden_state"], {"input_ids": input_ids.numpy().astype(np.int64)})
         return (torch.from_numpy(out[0]),)
 
     def unet(sample, timestep, encoder_hidden_states, timestep_cond=None, return_dict=True, **kw):
+        t = np.asarray(float(timestep), dtype=np.float32)  # rank 0, or one per row after per_row_timestep.py
         feed = {"sample": sample.numpy().astype(np.float32),
-                "timestep": np.asarray(float(timestep), dtype=np.float32),  # rank 0
+                "timestep": np.full(sample.shape[0], t, np.float32) if per_row else t,
                 "encoder_hidden_states": encoder_hidden_states.numpy().astype(np.float32)}
         if "timestep_cond" in unet_inputs:
             feed["timestep_cond"] = timestep_cond.numpy().astype(np.float32)
@@ -606,7 +615,7 @@ NOTES = {
 }
 
 
-def write_origin(model_dir, name, io, torch_dir):
+def write_origin(model_dir, name, io, torch_dir, rewrite=None):
     unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
     what = {
         SD: "a tiny StableDiffusionPipeline (text-to-image and img2img) with random weights",
@@ -660,15 +669,30 @@ def write_origin(model_dir, name, io, torch_dir):
     if name == LCM:
         lines.append("- unet/: exported by optimum's own pipeline export; optimum's UNet ONNX config adds the input "
                      "`timestep_cond` when the UNet config has `time_cond_proj_dim`.")
+    if rewrite is not None:
+        lines.append(f"- unet/model.onnx: one timestep per batch row, by `python models/tools/per_row_timestep.py "
+                     f"models/{name}` (run by the script after the export): {rewrite['what']}; `timestep` is declared "
+                     "`[batch_size]` instead of a scalar (step-level batching puts rows at different denoising steps "
+                     "in one UNet call). Verified with onnxruntime before writing: 4 rows at different timesteps "
+                     "against each row run alone through the export with its scalar timestep, then equal timesteps "
+                     f"and batches of 1 and 2: max |diff| {rewrite['max_diff']:g} (at most 1e-5 required).")
+    elif name == LCM:
+        lines.append("- unet/model.onnx: `timestep` is left a scalar, as optimum exports it, ON PURPOSE: "
+                     "`models/tools/per_row_timestep.py` would rewrite it (it passes `--check-only`), but kiln's path "
+                     "for exports that are not rewritten (rows batched only at equal timesteps) is tested with this "
+                     "model.")
     lines += ["", "## Interface (onnxruntime 1.31.1)", "", "| part | inputs | outputs |", "| --- | --- | --- |"]
     for part, (ins, outs) in io.items():
         fmt = lambda xs: "<br>".join(f"`{n}` {t.replace('tensor(', '').rstrip(')')} {s}" for n, t, s in xs)  # noqa
         lines.append(f"| {part} | {fmt(ins)} | {fmt(outs)} |")
-    lines += ["", "`timestep` is a float32 scalar (rank 0), one value for the whole batch; "
+    per_row = rewrite is not None
+    lines += ["", ("`timestep` is float32 `[batch_size]`, one value per row (rewritten, see above); " if per_row else
+                   "`timestep` is a float32 scalar (rank 0), one value for the whole batch; ") +
               "`vae_encoder`'s `latent_parameters` are the posterior's mean and log-variance (4 + 4 channels). "
               "The VAE's scaling_factor is 0.18215 (vae_decoder/config.json).", "",
               "## Files", "", "| file | bytes | sha256 |", "| --- | --- | --- |"]
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name not in ("ORIGIN.md", "manifest.toml")):
+    written_here = ("ORIGIN.md", "LICENSE", "manifest.toml")  # LICENSE: a rerun would find the previous run's
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name not in written_here):
         lines.append(f"| `{f.relative_to(model_dir)}` | {f.stat().st_size} | `{sha256(f)}` |")
     lines += ["", "## Licence", "", "Apache-2.0 (see [`LICENSE`](LICENSE)); the vocabulary is OpenAI CLIP's (MIT).", ""]
     (model_dir / "ORIGIN.md").write_text("\n".join(lines))
@@ -778,9 +802,11 @@ def time_parts(model_dir):
     rng = np.random.default_rng(0)
     ids = np.full((2, 77), 49407, np.int64)
     ids[:, 0] = 49406
+    per_row = any(i.name == "timestep" and len(i.shape) == 1 for i in s["unet"].get_inputs())
     feeds = {
         "text_encoder": {"input_ids": ids},
-        "unet": {"sample": rng.standard_normal((2, 4, 32, 32), np.float32), "timestep": np.asarray(500.0, np.float32),
+        "unet": {"sample": rng.standard_normal((2, 4, 32, 32), np.float32),
+                 "timestep": np.full(2, 500.0, np.float32) if per_row else np.asarray(500.0, np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, 77, 32), np.float32)},
         "vae_decoder": {"latent_sample": rng.standard_normal((1, 4, 32, 32), np.float32)},
     }
@@ -808,10 +834,12 @@ def main():
     try:
         # 1. parts -> torch pipelines -> ONNX
         torch_dirs, tok_dir = save_torch_pipelines(scratch)
-        model_dirs = {}
+        model_dirs, rewrites = {}, {}
         for name, sched in ((SD, SCHED_SD15), (P2P, SCHED_PIX2PIX), (LCM, SCHED_LCM)):
             exported = export(torch_dirs[name], scratch, name)
             model_dirs[name] = install(exported, name, model_dirs.get(SD), sched, tok_dir, scratch / "torch")
+            if name in PER_ROW_TIMESTEP:  # raises per_row_timestep.Refusal (nothing written) if it does not verify
+                rewrites[name] = per_row_timestep.apply(model_dirs[name] / "unet" / "model.onnx", log=log)
         t_export = time.time() - t0
         ios = {}
         for name, d in model_dirs.items():
@@ -947,7 +975,7 @@ def main():
 
         # 7. docs and sizes
         for name, d in model_dirs.items():
-            write_origin(d, name, ios[name], torch_dirs[name])
+            write_origin(d, name, ios[name], torch_dirs[name], rewrites.get(name))
         onnx_files = sorted(p for d in model_dirs.values() for p in d.rglob("*.onnx"))
         total_bytes = sum(p.stat().st_size for p in onnx_files)
         unique = {sha256(p): p.stat().st_size for p in onnx_files}
