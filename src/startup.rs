@@ -4,6 +4,10 @@
 //! model, library or GPU fails fast with a clear error. `run_until_stopped` then connects (retrying
 //! while the broker is unreachable), declares the topology, consumes, and on a lost connection
 //! reconnects; unacknowledged requests of the lost connection are redelivered by the broker.
+//!
+//! Each session also listens on the cancel exchange (`amqp::cancel`) on a queue of its own, which
+//! lives with the connection: a reconnecting session binds a new one. The cancels heard go to the
+//! one `Cancellations` of the process, so what a lost session heard is still remembered.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +20,8 @@ use lapin::Connection;
 use crate::amqp::connect::connect_with_retry;
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
-use crate::amqp::{Consumers, ReplyQueues, SessionEnd};
+use crate::amqp::{CancelListener, Consumers, ReplyQueues, SessionEnd};
+use crate::cancel::Cancellations;
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
 use crate::inference::{ActiveProvider, BatchLimits, EngineOptions, InferenceEngine, ModelRegistry, Runtime};
@@ -64,6 +69,7 @@ impl Application {
             worker_id: settings.worker.resolved_id().into(),
             limits: settings.limits.clone(),
             faults: settings.faults.clone(),
+            cancellations: Cancellations::new(settings.cancel.remember()),
         };
         let observability = Observability::build(
             ObservabilitySettings {
@@ -144,8 +150,8 @@ impl Application {
         Ok(())
     }
 
-    /// One connection: declare the topology, open the reply publisher and the consumers, and
-    /// serve deliveries until shutdown or connection loss.
+    /// One connection: declare the topology, open the reply publisher, the cancel listener and the
+    /// consumers, and serve deliveries until shutdown or connection loss.
     async fn session(
         &self,
         connection: &Arc<Connection>,
@@ -159,17 +165,25 @@ impl Application {
             topology.declare(&channel).await?;
             let publisher = ReplyPublisher::open(connection, &topology.results).await?;
             let tag = format!("kiln-{}", self.services.worker_id);
+            // Listening before consuming: a cancel sent once the worker takes requests is heard.
+            let cancels = CancelListener::open(connection, &topology.cancel_exchange, &format!("{tag}-cancel")).await?;
             let consumers =
                 Consumers::open(connection, &topology.request_queues, self.settings.amqp.prefetch, &tag).await?;
-            Ok::<_, lapin::Error>((publisher, consumers))
+            Ok::<_, lapin::Error>((publisher, cancels, consumers))
         };
-        let (publisher, consumers) = setup.await.with_context(|| {
+        let (publisher, cancels, consumers) = setup.await.with_context(|| {
             format!(
                 "cannot set up queues on the broker (topology prefix {:?})",
                 self.settings.amqp.topology.prefix
             )
         })?;
 
+        let cancels = cancels.start(
+            Arc::clone(connection),
+            topology.cancel_exchange.clone(),
+            format!("kiln-{}-cancel", self.services.worker_id),
+            self.services.cancellations.clone(),
+        );
         let reply_queues = ReplyQueues::new(Arc::clone(connection));
         let worker = Worker::new(self.services.clone(), publisher.clone(), reply_queues);
         self.observability.health().set_broker(BrokerState::Consuming);
@@ -189,8 +203,11 @@ impl Application {
         };
         let end = consumers.serve(handle, shutdown, grace).await;
         if end == SessionEnd::Stopped {
+            cancels.stop().await;
             publisher.close().await;
         }
+        // On a lost connection the listener is dropped (its task ends); the next session listens
+        // on a new queue.
         Ok(end)
     }
 }
@@ -223,5 +240,6 @@ fn engine_options(
         class_weights: schedule.weights(),
         batch_limits,
         default_batch_limits: settings.batching.limits("", gpu),
+        steps: settings.batching.diffusion.options(gpu),
     }
 }

@@ -176,6 +176,60 @@ impl<J: Batchable> Batcher<J> {
         Next::Run(batch)
     }
 
+    /// Put a request back at the head of its class (a paused request resuming before newer ones).
+    pub fn push_front(&mut self, job: J) {
+        let class = job.class().min(self.queues.len() - 1);
+        if self.queues[class].is_empty() {
+            self.pass[class] = self.pass[class].max(self.clock);
+        }
+        self.queues[class].push_front(job);
+        self.len += 1;
+    }
+
+    /// The request [`Batcher::take_next`] would give if every key had room: the oldest of the class
+    /// with the smallest virtual time.
+    pub fn lead(&self) -> Option<&J> {
+        self.first_class(|_| true).map(|class| &self.queues[class][0])
+    }
+
+    /// One request, for a step-level batch that can take any request whose key has `room`: the
+    /// oldest such request of the class with the smallest virtual time (the same fair order as
+    /// [`Batcher::next`], one request at a time, without waiting for company).
+    pub fn take_next(&mut self, room: impl Fn(&BatchKey) -> bool) -> Option<J> {
+        let matches = |j: &J| room(&j.key());
+        let class = self.first_class(matches)?;
+        let queue = &mut self.queues[class];
+        let index = queue.iter().position(matches).expect("first_class found one");
+        let job = queue.remove(index).expect("index is in range");
+        self.clock = self.pass[class];
+        self.pass[class] += 1.0 / self.weights[class];
+        self.len -= 1;
+        Some(job)
+    }
+
+    /// Take out every request that `matches` (stopped ones, ones that cannot finish in time).
+    pub fn take_where(&mut self, mut matches: impl FnMut(&J) -> bool) -> Vec<J> {
+        let mut taken = Vec::new();
+        for queue in &mut self.queues {
+            let mut kept = VecDeque::with_capacity(queue.len());
+            for job in queue.drain(..) {
+                if matches(&job) {
+                    taken.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            *queue = kept;
+        }
+        self.len -= taken.len();
+        taken
+    }
+
+    /// Every waiting request, class by class.
+    pub fn iter(&self) -> impl Iterator<Item = &J> {
+        self.queues.iter().flatten()
+    }
+
     /// The class with the smallest virtual time among those holding a request that `matches`
     /// (ties go to the heavier weight, then the lower index).
     fn first_class(&self, matches: impl Fn(&J) -> bool) -> Option<usize> {
@@ -249,6 +303,37 @@ mod tests {
             Next::Run(batch) => batch.into_iter().map(|j| j.id).collect(),
             other => panic!("expected a batch, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn take_next_skips_full_keys_and_keeps_the_fair_order() {
+        let t0 = Instant::now();
+        let mut b = batcher(&[3.0, 1.0], 4, 0);
+        b.push(job(1, 1, (64, 64), t0));
+        b.push(job(2, 0, (32, 32), t0));
+        b.push(job(3, 0, (64, 64), t0));
+        assert_eq!(b.lead().map(|j| j.id), Some(2), "the heavier class leads");
+        let no_32 = |k: &BatchKey| k.shape != (32, 32);
+        assert_eq!(
+            b.take_next(no_32).map(|j| j.id),
+            Some(3),
+            "a full key is skipped, not waited for"
+        );
+        assert_eq!(b.take_next(no_32).map(|j| j.id), Some(1));
+        assert_eq!(b.take_next(no_32).map(|j| j.id), None);
+        assert_eq!(b.take_next(|_| true).map(|j| j.id), Some(2));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_request_put_back_in_front_resumes_before_newer_ones() {
+        let t0 = Instant::now();
+        let mut b = batcher(&[1.0], 4, 0);
+        b.push(job(1, 0, (64, 64), t0));
+        b.push_front(job(9, 0, (64, 64), t0));
+        assert_eq!(b.take_where(|j| j.id == 1).len(), 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.take_next(|_| true).map(|j| j.id), Some(9));
     }
 
     #[test]

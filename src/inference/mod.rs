@@ -26,9 +26,12 @@ pub mod settings;
 pub mod tensor_io;
 
 pub use batcher::{BatchKey, BatchLimits};
-pub use engine::{EngineOptions, InferenceEngine, InferenceError, InferenceHandle, JobOptions};
+pub use engine::{
+    EngineOptions, InferenceEngine, InferenceError, InferenceHandle, Inferred, JobOptions, StepCap, StepOptions,
+    StepProgress,
+};
 pub use finish::Finish;
 pub use manifest::Manifest;
-pub use pipeline::{ModelInput, Pipeline, Prepared, Runner};
+pub use pipeline::{ModelInput, Pipeline, Prepared, Runner, StepRow, StepRunner};
 pub use registry::ModelRegistry;
 pub use runtime::{ActiveProvider, Runtime, StartupError};

@@ -33,6 +33,13 @@ pub trait Pipeline: Send + Sync {
     /// decoding anything.
     fn output_size(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<(u32, u32), RequestError>;
 
+    /// For a multi-step kind, the denoising steps of the schedule the request asks for (its own or
+    /// the model's default), without decoding anything: what admission's overload steps cap is
+    /// weighed against. `None` for single-pass kinds, and for a request the kind would refuse.
+    fn planned_steps(&self, _manifest: &Manifest, _request: &GenerationRequest) -> Option<u32> {
+        None
+    }
+
     /// Decode, check, resize and lay out one request. CPU-bound: runs on the CPU pool.
     fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError>;
 
@@ -53,6 +60,49 @@ pub trait Runner {
     /// Run a batch of inputs of one shape (this kind's, from its [`Pipeline::prepare`]); one output
     /// sample per input, in order.
     fn run(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<f32>>, String>;
+
+    /// A multi-step kind's step-level interface (see [`StepRunner`]); `None` for single-pass kinds.
+    fn stepper(&mut self) -> Option<&mut dyn StepRunner> {
+        None
+    }
+}
+
+/// A multi-step kind run one step at a time, so requests join and leave a running batch between
+/// steps (step-level batching, `inference.step_batching`). The engine keeps each request's
+/// [`StepRow`] between calls: it can run, wait paused, or be dropped at any step boundary.
+pub trait StepRunner {
+    /// Everything before the first step for these requests (one input each, one shape), batched:
+    /// one row each, in order.
+    fn begin(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Box<dyn StepRow>>, String>;
+
+    /// One step for every row, in one network call where the model allows it (each row at its own
+    /// step). Every row given has steps left.
+    fn step(&mut self, rows: &mut [&mut dyn StepRow]) -> Result<(), String>;
+
+    /// The output of finished rows (one sample each, in order), batched.
+    fn finish(&mut self, rows: &[&dyn StepRow]) -> Result<Vec<Vec<f32>>, String>;
+
+    /// Whether rows at different steps can share one network call (the model takes a timestep per
+    /// row). When not, [`StepRunner::step`] is only given rows with equal [`StepRow::step_key`].
+    fn mixed_steps(&self) -> bool;
+}
+
+/// One request between steps, opaque to the engine but for what it needs to schedule it.
+pub trait StepRow: Any + Send {
+    /// Steps run so far.
+    fn done(&self) -> u32;
+    /// Steps it runs in all.
+    fn total(&self) -> u32;
+    /// Rows of the network it takes per step (guidance doubles them).
+    fn network_rows(&self) -> usize;
+    /// Rows with equal keys are at the same timestep (they can share a call with any model).
+    fn step_key(&self) -> u64;
+    /// Memory its state holds, in bytes (what pausing it keeps).
+    fn bytes(&self) -> usize;
+    /// As `Any`, for the runner to get its own type back.
+    fn as_any(&self) -> &dyn Any;
+    /// As `Any`, mutably.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// A request made ready for its model: the tensors, and what turns the output into the result.
@@ -71,6 +121,7 @@ pub struct Prepared {
 pub struct ModelInput {
     shape: (u32, u32),
     group: u64,
+    steps: u32,
     data: Box<dyn Any + Send>,
 }
 
@@ -89,6 +140,7 @@ impl ModelInput {
         Self {
             shape,
             group: 0,
+            steps: 1,
             data: Box::new(data),
         }
     }
@@ -98,6 +150,18 @@ impl ModelInput {
     pub fn with_group(mut self, group: u64) -> Self {
         self.group = group;
         self
+    }
+
+    /// The same input, for a multi-step kind that runs `steps` network steps (what the step-level
+    /// scheduler's deadline estimate counts). 1 by default.
+    pub fn with_steps(mut self, steps: u32) -> Self {
+        self.steps = steps.max(1);
+        self
+    }
+
+    /// Network steps it runs.
+    pub fn steps(&self) -> u32 {
+        self.steps
     }
 
     /// The tensor size (width, height).

@@ -202,6 +202,8 @@ pub struct BatchingSettings {
     pub shape_bucket: u32,
     /// Per-model overrides, by model name (`[batching.models.multistyle26]`).
     pub models: std::collections::BTreeMap<String, ModelBatching>,
+    /// How multi-step (diffusion) models batch (`[batching.diffusion]`).
+    pub diffusion: StepBatchingSettings,
 }
 
 impl Default for BatchingSettings {
@@ -211,6 +213,79 @@ impl Default for BatchingSettings {
             max_queue_delay_ms: 2,
             shape_bucket: 0,
             models: Default::default(),
+            diffusion: StepBatchingSettings::default(),
+        }
+    }
+}
+
+/// `step`: requests join and leave the running batch between denoising steps; `request`: whole
+/// requests batch together like any model (same scheduler and step count), for comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepMode {
+    /// Step-level (continuous) batching.
+    Step,
+    /// Whole-request batching.
+    Request,
+}
+
+/// `[batching.diffusion]`: step-level batching of diffusion models.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepBatchingSettings {
+    /// `step` (default) or `request`.
+    pub mode: StepMode,
+    /// Most requests stepping together by image size, `[{ max_pixels = 262144, max_requests = 16 }]`,
+    /// smallest first; larger images run one at a time. Empty (default): by execution provider, from
+    /// measurement (BENCHMARKS.md): on CUDA 16 up to 512², 4 up to 768², 1 above (one 1024² request
+    /// already fills an H200); on CPU 2 up to 256², 1 above (a CPU gains little from batching).
+    pub caps: Vec<crate::inference::StepCap>,
+    /// Times one request may be paused for a higher tier's request. Default 1: a free request is
+    /// paused at most once, so it always finishes.
+    pub max_pauses: u32,
+    /// Memory paused requests may hold (latents, embeddings, scheduler state), in MiB. Default 512.
+    pub max_paused_mb: usize,
+}
+
+impl Default for StepBatchingSettings {
+    fn default() -> Self {
+        Self {
+            mode: StepMode::Step,
+            caps: Vec::new(),
+            max_pauses: 1,
+            max_paused_mb: 512,
+        }
+    }
+}
+
+impl StepBatchingSettings {
+    /// The step-level scheduler's options on a device with (`gpu`) or without a GPU.
+    pub fn options(&self, gpu: bool) -> crate::inference::StepOptions {
+        use crate::inference::StepCap;
+        let caps = match (self.caps.is_empty(), gpu) {
+            (false, _) => self.caps.clone(),
+            (true, true) => vec![
+                StepCap {
+                    max_pixels: 512 * 512,
+                    max_requests: 16,
+                },
+                StepCap {
+                    max_pixels: 768 * 768,
+                    max_requests: 4,
+                },
+            ],
+            (true, false) => vec![StepCap {
+                max_pixels: 256 * 256,
+                max_requests: 2,
+            }],
+        };
+        let mut caps = caps;
+        caps.sort_by_key(|c| c.max_pixels);
+        crate::inference::StepOptions {
+            enabled: self.mode == StepMode::Step,
+            caps,
+            max_pauses: self.max_pauses,
+            max_paused_bytes: self.max_paused_mb.saturating_mul(1 << 20),
         }
     }
 }

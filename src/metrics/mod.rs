@@ -10,7 +10,7 @@
 //! Naming follows Prometheus: `kiln_` prefix, base units (seconds, bytes), `_total` on counters.
 //! Labels come from small fixed sets only: `model` (a served model, else `unknown`), `tier` (a
 //! configured tier, else `unknown`), `outcome`, `result`, `reason`, `stage`, `queue`, `provider`,
-//! `version`, `gpu` (an index). Never a user id or a request id.
+//! `version`, `gpu` (an index), `held` (`true`, `false`). Never a user id or a request id.
 //!
 //! Each metric is declared once, in the [`declare_metrics!`] table below: name, type, labels,
 //! help. The table yields the collectors, their registration, [`METRIC_NAMES`] and the list in
@@ -102,6 +102,19 @@ declare_metrics! {
     denoising_rows: HistogramVec = "kiln_denoising_rows", "histogram", ["model"],
         "Diffusion models: rows per denoising network call (2 per guided request, 3 per guided edit).",
         buckets = ROW_BUCKETS;
+    step_ticks: HistogramVec = "kiln_step_tick_seconds", "histogram", ["model", "requests"],
+        "Step-level batching: time of one step of a batch key's running requests, by how many requests \
+         stepped together (step time by batch).",
+        buckets = RUN_BUCKETS;
+    step_rows: IntGaugeVec = "kiln_step_requests", "gauge", ["model", "state"],
+        "Step-level batching: requests started and not finished, running or paused (for a higher tier).";
+    paused_bytes: IntGauge = "kiln_step_paused_bytes", "gauge", [],
+        "Step-level batching: memory held by paused requests' state (bounded by batching.diffusion.max_paused_mb).";
+    preemptions: IntCounterVec = "kiln_step_preemptions_total", "counter", ["model"],
+        "Step-level batching: requests paused at a step boundary for a higher tier's request.";
+    step_stops: IntCounterVec = "kiln_step_stops_total", "counter", ["reason"],
+        "Requests stopped before finishing on the inference thread: cancelled (by their producer) or \
+         abandoned (their reply queue went away).";
     busy: Counter = "kiln_inference_busy_seconds_total", "counter", [],
         "Time the inference thread spent running models; rate() of it is the busy fraction.";
     busy_ratio: Gauge = "kiln_inference_busy_ratio", "gauge", [],
@@ -123,6 +136,10 @@ declare_metrics! {
         "Messages ready in a queue (requests, dead_letter), as of the last heartbeat.";
     heartbeats: IntCounterVec = "kiln_heartbeats_total", "counter", ["result"],
         "Heartbeats published (ok) or not (failed).";
+    cancel_messages: IntCounterVec = "kiln_cancel_messages_total", "counter", ["held"],
+        "Valid cancels heard on the cancel exchange, by whether this worker held the request then \
+         (true: it was asked to stop) or not (false: remembered, stopped if it arrives). Malformed \
+         ones are logged, not counted.";
 }
 
 /// The registry `/metrics` serves: this module's metrics and those other modules [`register`].
@@ -135,6 +152,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+    // Both series from the start, at 0: `increase()` then sees a fleet's first cancel.
+    for held in ["true", "false"] {
+        metrics.cancel_messages.with_label_values(&[held]);
+    }
     metrics
 });
 static IMAGES: AtomicU64 = AtomicU64::new(0);
@@ -212,6 +233,57 @@ pub fn observe_batch(model: &str, size: usize, seconds: f64) {
     metrics.images.with_label_values(&[model]).inc_by(size as u64);
     metrics.busy.inc_by(seconds.max(0.0));
     IMAGES.fetch_add(size as u64, Ordering::Relaxed);
+}
+
+/// Busy time of the inference thread outside [`observe_batch`] (step-level phases).
+pub fn observe_busy(seconds: f64) {
+    m().busy.inc_by(seconds.max(0.0));
+}
+
+/// One step of a batch key's running requests, `requests` of them, in `seconds`.
+pub fn observe_step_tick(model: &str, requests: usize, seconds: f64) {
+    m().step_ticks
+        .with_label_values(&[model, &requests.to_string()])
+        .observe(seconds);
+}
+
+/// Requests running and paused per model, and the paused state's bytes.
+pub fn set_step_rows(
+    running: &std::collections::HashMap<&str, i64>,
+    paused: &std::collections::HashMap<&str, i64>,
+    paused_bytes: usize,
+) {
+    let metrics = m();
+    // Models seen before keep their series, set to 0 when nothing of theirs runs.
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().expect("metrics lock");
+    for model in running.keys().chain(paused.keys()) {
+        if !seen.iter().any(|m| m == model) {
+            seen.push((*model).to_owned());
+        }
+    }
+    for model in seen.iter() {
+        let model = model.as_str();
+        metrics
+            .step_rows
+            .with_label_values(&[model, "running"])
+            .set(running.get(model).copied().unwrap_or(0));
+        metrics
+            .step_rows
+            .with_label_values(&[model, "paused"])
+            .set(paused.get(model).copied().unwrap_or(0));
+    }
+    metrics.paused_bytes.set(paused_bytes as i64);
+}
+
+/// A request paused for a higher tier.
+pub fn record_preemption(model: &str) {
+    m().preemptions.with_label_values(&[model]).inc();
+}
+
+/// A request stopped on the inference thread (`cancelled`, `abandoned`).
+pub fn record_step_stop(reason: &'static str) {
+    m().step_stops.with_label_values(&[reason]).inc();
 }
 
 /// One denoising step of a diffusion batch: `images` requests advanced one step by one network
@@ -371,6 +443,12 @@ pub fn record_heartbeat(result: &'static str) {
     m().heartbeats.with_label_values(&[result]).inc();
 }
 
+/// A valid cancel was heard; `held`: whether this worker held the request.
+pub fn record_cancel_message(held: bool) {
+    let held = if held { "true" } else { "false" };
+    m().cancel_messages.with_label_values(&[held]).inc();
+}
+
 /// Check a [`declare_metrics!`] table against the collectors it made, in order: name, help, the
 /// documented type, buckets only on histograms, Prometheus naming.
 #[cfg(test)]
@@ -484,6 +562,21 @@ mod tests {
             metrics.request_duration.with_label_values(&labels).get_sample_count(),
             1
         );
+    }
+
+    #[test]
+    fn cancels_are_counted_by_held_and_both_series_exist_from_the_start() {
+        let text = render();
+        assert!(text.contains("kiln_cancel_messages_total{held=\"true\"}"), "{text}");
+        assert!(text.contains("kiln_cancel_messages_total{held=\"false\"}"), "{text}");
+        let count = |held: &str| m().cancel_messages.with_label_values(&[held]).get();
+        let before = (count("true"), count("false"));
+        record_cancel_message(true);
+        record_cancel_message(false);
+        record_cancel_message(false);
+        // Other tests in this process may hear cancels too: at least ours.
+        assert!(count("true") > before.0);
+        assert!(count("false") >= before.1 + 2);
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod render;
 mod reply;
 pub mod settings;
 pub mod settle;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,7 +36,7 @@ use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
 use crate::amqp::{ReplyQueues, Topology};
 use crate::cpu_pool::CpuPool;
-use crate::domain::{ImageInfo, RequestError, Timings};
+use crate::domain::{ErrorCode, ImageInfo, RequestError, Timings};
 use crate::inference::{InferenceHandle, ModelRegistry};
 use crate::rate_limit::Limiter;
 use crate::scheduling::Schedule;
@@ -44,12 +45,13 @@ use admission::Admission;
 use incoming::Incoming;
 use lease::LeaseGuard;
 use observed::Observed;
-use render::render;
+use render::{render, Watched};
 use reply::ReplyTarget;
 pub use reply::INVALID_ROUTING_KEY;
 use settings::{FaultSettings, RequestLimits};
 pub use settle::Outcome;
 use settle::{Ending, Failure};
+use watch::Watch;
 
 /// What a worker needs besides its broker channel; shared by every connection session.
 #[derive(Clone)]
@@ -72,6 +74,9 @@ pub struct Services {
     pub faults: FaultSettings,
     /// Priorities, default deadlines and overload policy by tier.
     pub schedule: Arc<Schedule>,
+    /// The cancels this worker heard (from the cancel exchange) and the requests it holds: one
+    /// per process, shared by every session.
+    pub cancellations: crate::cancel::Cancellations,
 }
 
 /// Handles deliveries. Cheap to clone: one per connection session, shared by all delivery tasks.
@@ -159,6 +164,14 @@ impl Worker {
             }
         }
 
+        // Followed from here to the reply, so a cancel (now or later) reaches it.
+        let tracked = services.cancellations.track(request.request_id.as_str());
+        if tracked.flag().reason().is_some() {
+            let error = RequestError::new(ErrorCode::Cancelled, "cancelled by its producer before it was served");
+            timings.total = ms(received.elapsed());
+            return self.reply(&delivery, target, Err(error), timings).await;
+        }
+
         // 2. Admission: deadline, overload policy, the user's limits.
         let admission = admission::admit(services, &mut incoming).await;
         observed.limited(admission.rate_limit());
@@ -180,11 +193,33 @@ impl Worker {
                 span.record("tier", services.schedule.class(incoming.class).tier.as_str());
                 target.rate_limit = rate_limit;
                 target.degraded = degraded;
-                // 3. Render.
+                // 3. Render, watched: progress notices, a reply queue that goes away.
                 let Incoming {
                     request, class, since, ..
                 } = incoming;
-                (lease, render(services, request, class, since, &mut timings).await)
+                let (progress, notices) = match request.progress {
+                    true => {
+                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                        (Some(tx), Some(rx))
+                    }
+                    false => (None, None),
+                };
+                let watched = Watched {
+                    stop: tracked.flag().clone(),
+                    progress,
+                };
+                let watch = Watch {
+                    delivery: &delivery,
+                    target: &target,
+                    publisher: &self.publisher,
+                    reply_queues: &self.reply_queues,
+                    worker_id: &services.worker_id,
+                    stop: tracked.flag().clone(),
+                    progress: notices,
+                    progress_interval: std::time::Duration::from_millis(services.limits.progress_interval_ms),
+                };
+                let rendering = render(services, request, class, since, &mut timings, watched);
+                (lease, watch::while_rendering(rendering, watch).await)
             }
         };
 
@@ -198,6 +233,12 @@ impl Worker {
             Err(Failure::Request(error)) => Err(error),
             Err(Failure::Worker(why)) => {
                 let outcome = settle::settle(&delivery, Ending::WorkerUnavailable(why)).await;
+                lease.release().await;
+                return outcome;
+            }
+            Err(Failure::Abandoned) => {
+                let queue = delivery.properties.reply_to().as_ref().map(|q| q.to_string());
+                let outcome = settle::settle(&delivery, Ending::ReplyQueueGone(queue.unwrap_or_default())).await;
                 lease.release().await;
                 return outcome;
             }

@@ -9,9 +9,11 @@ use time::OffsetDateTime;
 use super::deadline::Deadline;
 use super::settle::Failure;
 use super::{ms, Services};
+use crate::cancel::StopFlag;
 use crate::domain::{GenerationInfo, GenerationRequest, ImageInfo, Timings};
 use crate::imaging::encode_png;
-use crate::inference::JobOptions;
+use crate::inference::{InferenceError, JobOptions, StepProgress};
+use tokio::sync::mpsc;
 
 /// A rendered request.
 #[derive(Debug)]
@@ -26,6 +28,23 @@ pub(super) struct Rendered {
     pub generation: Option<GenerationInfo>,
 }
 
+/// What the request's task shares with the inference thread while it renders.
+#[derive(Debug, Default)]
+pub(super) struct Watched {
+    /// Set when it is cancelled or abandoned.
+    pub stop: StopFlag,
+    /// Where step progress goes, when the request asked for notices.
+    pub progress: Option<mpsc::UnboundedSender<StepProgress>>,
+}
+
+/// The failure of a request stopped before it reached the device.
+fn stopped(stop: &StopFlag) -> Result<(), Failure> {
+    match stop.reason() {
+        None => Ok(()),
+        Some(reason) => Err(InferenceError::Stopped(reason).into()),
+    }
+}
+
 /// Prepare (CPU pool), check the deadline again, infer (by `class`'s priority), finish and encode
 /// (CPU pool). Fills in the timings of each stage it reaches.
 pub(super) async fn render(
@@ -34,6 +53,7 @@ pub(super) async fn render(
     class: usize,
     since: OffsetDateTime,
     timings: &mut Timings,
+    watched: Watched,
 ) -> Result<Rendered, Failure> {
     let started = Instant::now();
     let registry = Arc::clone(&services.registry);
@@ -46,9 +66,12 @@ pub(super) async fn render(
     // Preparation can take a while for big images; check the deadline again before the device.
     let deadline = Deadline::of(&request, tier, since);
     deadline.check(tier, "inference")?;
+    stopped(&watched.stop)?;
     let options = JobOptions {
         class,
         deadline: deadline.instant(),
+        stop: watched.stop.clone(),
+        progress: watched.progress,
     };
     let inferred = services
         .inference

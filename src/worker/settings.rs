@@ -2,18 +2,22 @@
 
 use serde::Deserialize;
 
-/// Limits applied before a request is even parsed.
+/// Limits on what a request sends and is sent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestLimits {
     /// Largest request body accepted, in bytes. Default 32 MiB.
     pub max_message_bytes: usize,
+    /// At most one `progress` notice per request per this many milliseconds (requests that ask for
+    /// them, on multi-step models). Default 500.
+    pub progress_interval_ms: u64,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 32 * 1024 * 1024,
+            progress_interval_ms: 500,
         }
     }
 }

@@ -19,6 +19,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 use crate::amqp::PublishOutcome;
+use crate::cancel::StopReason;
 use crate::cpu_pool::CpuTaskError;
 use crate::domain::{ErrorCode, RequestError};
 use crate::inference::InferenceError;
@@ -63,6 +64,9 @@ pub(super) enum Failure {
     Request(RequestError),
     /// This worker's: it cannot serve anyone now, so the request goes back unanswered.
     Worker(&'static str),
+    /// Nobody waits for it: its reply queue went away while it was being rendered. It stopped at
+    /// the next step and is dead-lettered like one found abandoned on arrival.
+    Abandoned,
 }
 
 impl From<RequestError> for Failure {
@@ -81,6 +85,16 @@ impl From<InferenceError> for Failure {
                 format!("the deadline passed {late:.3} s before the device was free"),
             )),
             InferenceError::Failed(message) => Self::Request(RequestError::new(ErrorCode::InferenceFailed, message)),
+            InferenceError::Stopped(StopReason::Cancelled) => Self::Request(RequestError::new(
+                ErrorCode::Cancelled,
+                "cancelled by its producer before it finished",
+            )),
+            InferenceError::Stopped(StopReason::Abandoned) => Self::Abandoned,
+            // Counted (stage `steps`) by the inference thread.
+            error @ InferenceError::WontFinish { .. } => Self::Request(RequestError::new(
+                ErrorCode::Expired,
+                format!("the deadline cannot be met: {error}"),
+            )),
         }
     }
 }
@@ -232,8 +246,23 @@ mod tests {
         let code = |e| match Failure::from(e) {
             Failure::Request(error) => error.code,
             Failure::Worker(why) => panic!("a worker failure: {why}"),
+            Failure::Abandoned => panic!("abandoned"),
         };
         assert_eq!(code(InferenceError::Expired(0.5)), ErrorCode::Expired);
         assert_eq!(code(InferenceError::Failed("boom".into())), ErrorCode::InferenceFailed);
+        assert_eq!(
+            code(InferenceError::Stopped(StopReason::Cancelled)),
+            ErrorCode::Cancelled
+        );
+        let late = InferenceError::WontFinish {
+            steps_left: 10,
+            step_seconds: 0.5,
+            short_by: 2.0,
+        };
+        assert_eq!(code(late), ErrorCode::Expired);
+        assert!(matches!(
+            Failure::from(InferenceError::Stopped(StopReason::Abandoned)),
+            Failure::Abandoned
+        ));
     }
 }

@@ -34,6 +34,7 @@ impl Direct {
             class_weights: vec![1.0],
             batch_limits: Default::default(),
             default_batch_limits: settings.batching.limits("", false),
+            steps: settings.batching.diffusion.options(false),
         };
         Self {
             engine: InferenceEngine::start(&registry, runtime, options).unwrap(),
@@ -54,6 +55,7 @@ impl Direct {
                 JobOptions {
                     class: 0,
                     deadline: None,
+                    ..JobOptions::default()
                 },
             )
             .await
@@ -172,6 +174,7 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
         class_weights: vec![1.0],
         batch_limits: Default::default(),
         default_batch_limits: settings.batching.limits("multistyle26", false),
+        steps: settings.batching.diffusion.options(false),
     };
     // The device's counts are the process's metrics: no other engine may render meanwhile.
     let _metrics = alone_with_metrics().await;
@@ -201,6 +204,7 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
                     JobOptions {
                         class: 0,
                         deadline: None,
+                        ..JobOptions::default()
                     },
                 )
                 .await
@@ -209,6 +213,7 @@ async fn a_request_past_its_deadline_while_waiting_is_expired_without_the_device
     let late = JobOptions {
         class: 0,
         deadline: Some(Instant::now() - Duration::from_millis(1)),
+        ..JobOptions::default()
     };
     let result = handle.infer("multistyle26", prepare(&small), late).await;
     assert!(matches!(result, Err(InferenceError::Expired(_))), "{result:?}");
@@ -308,7 +313,11 @@ async fn an_overloaded_worker_defers_the_free_tier_and_degrades_plus() {
         .degraded
         .as_ref()
         .expect("the reply says it was degraded");
-    assert_eq!((degraded.max_side, degraded.reason.as_str()), (128, "overloaded"));
+    assert_eq!(
+        (degraded.max_side, degraded.steps, degraded.reason.as_str()),
+        (Some(128), None, "overloaded"),
+        "a style model has no steps to cut"
+    );
     let info = reply.document.image.as_ref().unwrap();
     assert_eq!((info.width, info.height), (128, 128));
 

@@ -15,6 +15,7 @@
 
 mod load;
 mod serve;
+mod steps;
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
@@ -28,8 +29,10 @@ use super::manifest::Manifest;
 use super::pipeline::ModelInput;
 use super::runtime::{ActiveProvider, Runtime};
 use super::ModelRegistry;
+use crate::cancel::{StopFlag, StopReason};
 use load::load_runners;
 use serve::{serve, Job};
+pub use steps::{StepCap, StepOptions};
 
 /// Why a model run produced no output.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +46,21 @@ pub enum InferenceError {
     /// The inference thread is gone (shutting down, or it died).
     #[error("the inference thread is not running")]
     Unavailable,
+    /// The request was stopped (cancelled or abandoned) before it finished: at most one more step
+    /// ran after the stop.
+    #[error("stopped: {0:?}")]
+    Stopped(StopReason),
+    /// Its remaining steps cannot finish before its deadline at the measured step time: answered
+    /// now rather than spending the steps.
+    #[error("{steps_left} steps left at {step_seconds:.3} s each would finish {short_by:.3} s after the deadline")]
+    WontFinish {
+        /// Steps it still had to run.
+        steps_left: u32,
+        /// The measured time of one step of its batch key.
+        step_seconds: f64,
+        /// How late it would have finished.
+        short_by: f64,
+    },
 }
 
 /// A model's output for one request.
@@ -59,12 +77,27 @@ pub struct Inferred {
 }
 
 /// What the scheduler needs to know about a request besides its input.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct JobOptions {
     /// Priority class: an index into `scheduling`'s tier order (0 = the heaviest weight).
     pub class: usize,
-    /// Rendering must start before this, or the request is answered `expired`.
+    /// Rendering must start before this, or the request is answered `expired`. A multi-step
+    /// request run step by step is also answered as soon as its remaining steps cannot finish
+    /// before it ([`InferenceError::WontFinish`]).
     pub deadline: Option<Instant>,
+    /// Set when the request is cancelled or abandoned: it stops before its next step.
+    pub stop: StopFlag,
+    /// For a multi-step request run step by step: where to send its progress after each step.
+    pub progress: Option<mpsc::UnboundedSender<StepProgress>>,
+}
+
+/// A multi-step request's progress: `done` of `total` steps run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepProgress {
+    /// Steps run.
+    pub done: u32,
+    /// Steps it runs in all.
+    pub total: u32,
 }
 
 /// Sends work to the inference thread. Cheap to clone; the thread stops when every clone is gone.
@@ -110,6 +143,8 @@ pub struct EngineOptions {
     pub batch_limits: HashMap<String, BatchLimits>,
     /// Batch limits for models not in `batch_limits`.
     pub default_batch_limits: BatchLimits,
+    /// Step-level batching of multi-step models.
+    pub steps: StepOptions,
 }
 
 /// The running inference thread.
@@ -141,7 +176,11 @@ impl InferenceEngine {
                 match runners {
                     Ok(runners) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve(runners, batcher, queue);
+                        let steps = options
+                            .steps
+                            .enabled
+                            .then(|| steps::Steps::new(options.steps.clone(), options.class_weights.clone()));
+                        serve(runners, batcher, steps, queue);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

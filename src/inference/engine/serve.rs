@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::load::Runners;
+use super::steps::Steps;
 use super::{InferenceError, Inferred, JobOptions};
 use crate::inference::batcher::{BatchKey, Batchable, Batcher, Next};
 use crate::inference::pipeline::{ModelInput, Runner};
@@ -40,39 +41,69 @@ impl Batchable for Job {
     }
 }
 
-/// The thread's loop: take in requests, expire the late, run the next batch, answer each request.
-pub(super) fn serve(mut runners: Runners, mut batcher: Batcher<Job>, mut queue: mpsc::Receiver<Job>) {
+/// The thread's loop: take in requests, expire the late, run the next batch (or, with step-level
+/// batching, one tick of the multi-step models and then any whole-request batch that is ready),
+/// answer each request.
+pub(super) fn serve(mut runners: Runners, batcher: Batcher<Job>, steps: Option<Steps>, mut queue: mpsc::Receiver<Job>) {
     // Waiting for a request *or* a batch's delay to pass needs a timer: a small runtime of its own.
     let timer = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .expect("a current-thread runtime with a timer");
+    let mut waiting = Waiting { batcher, steps };
+    let stepwise: std::collections::HashSet<String> = runners
+        .iter_mut()
+        .filter_map(|(name, runner)| runner.stepper().map(|_| name.clone()))
+        .collect();
     let mut open = true;
     loop {
         while let Ok(job) = queue.try_recv() {
-            batcher.push(job);
+            waiting.push(job, &stepwise);
         }
         let now = Instant::now();
-        for job in batcher.take_expired(now) {
+        for job in waiting.batcher.take_expired(now) {
             let late = job.options.deadline.map_or(0.0, |d| (now - d).as_secs_f64());
             crate::metrics::record_expired("batcher");
             let _ = job.reply.send(Err(InferenceError::Expired(late)));
         }
-        match batcher.next(now, !open) {
+        if let Some(steps) = waiting.steps.as_mut().filter(|s| s.busy()) {
+            steps.tick(&mut runners);
+            // Whole-request models take their turn between ticks, without waiting for company.
+            if let Next::Run(batch) = waiting.batcher.next(Instant::now(), false) {
+                run_batch(&mut runners, batch);
+            }
+            continue;
+        }
+        match waiting.batcher.next(now, !open) {
             Next::Run(batch) => run_batch(&mut runners, batch),
             Next::WaitUntil(at) => {
                 let wait = at.saturating_duration_since(now);
                 match timer.block_on(async { tokio::time::timeout(wait, queue.recv()).await }) {
-                    Ok(Some(job)) => batcher.push(job),
+                    Ok(Some(job)) => waiting.push(job, &stepwise),
                     Ok(None) => open = false,
                     Err(_) => {}
                 }
             }
             Next::Empty if !open => break,
             Next::Empty => match queue.blocking_recv() {
-                Some(job) => batcher.push(job),
+                Some(job) => waiting.push(job, &stepwise),
                 None => open = false,
             },
+        }
+    }
+}
+
+/// Where a job waits: the step-level scheduler for a multi-step model (when on), else the batcher.
+struct Waiting {
+    batcher: Batcher<Job>,
+    steps: Option<Steps>,
+}
+
+impl Waiting {
+    fn push(&mut self, job: Job, stepwise: &std::collections::HashSet<String>) {
+        match self.steps.as_mut() {
+            Some(steps) if stepwise.contains(&job.model) => steps.push(job),
+            _ => self.batcher.push(job),
         }
     }
 }

@@ -1,12 +1,15 @@
-//! A diffusion model's sessions on the inference thread, and the loop that runs a batch of whole
-//! requests: text encoder, then one denoising network call per step for every row of the batch,
-//! each request advanced by its own scheduler and noise stream, then one VAE decode.
+//! A diffusion model's sessions on the inference thread, and the phases of a request on them:
+//! `begin` (text encoder and starting latents, batched over the requests that start together),
+//! `step` (one UNet call for any set of rows of one size, each row at its own step where the export
+//! takes a timestep per row, then each request's own guidance and scheduler update) and `finish`
+//! (one VAE decode for the rows that are done).
 //!
-//! The loop is written as the phases a step-level scheduler will interleave ([`Rows::new`]: encode
-//! and draw the starting latents; [`DiffusionRunner::step`]: one network call for the batch and one
-//! scheduler update per request; [`DiffusionRunner::decode`]), and a request's state between steps
-//! is plain data ([`RequestState`]).
+//! Between phases a request is a [`DiffusionRow`]: plain data (embeddings, latents, scheduler,
+//! noise stream, step index) that the engine keeps running, pauses or drops at any step boundary
+//! ([`StepRunner`]). Whole-request batching ([`DiffusionRunner::run_batch`]) is the same phases run
+//! over one fixed batch.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -19,7 +22,7 @@ use super::DiffusionInput;
 use crate::diffusion::noise::TorchGenerator;
 use crate::diffusion::scheduler::{self, Scheduler};
 use crate::domain::Task;
-use crate::inference::pipeline::{inputs_of, ModelInput, Runner};
+use crate::inference::pipeline::{inputs_of, ModelInput, Runner, StepRow, StepRunner};
 
 /// The sessions of one diffusion model, with the tensor names and types its export uses.
 pub struct DiffusionRunner {
@@ -64,18 +67,60 @@ pub struct RequestState {
     pub image_latents: Option<Vec<f32>>,
 }
 
+/// A request on the inference thread: what it runs, its text embeddings, its state and its step.
+/// Everything a step needs is here, so it can run beside any other row of its model and shape.
+#[derive(Debug)]
+pub struct DiffusionRow {
+    plan: super::Plan,
+    /// `[rows, seq, dim]`: `[negative, prompt]` with guidance, `[prompt, negative, negative]` for a
+    /// guided edit (diffusers' orders), `[prompt]` without.
+    embeddings: Vec<f32>,
+    /// `(seq, dim)`.
+    embedding_shape: (usize, usize),
+    /// `[C, h, w]` of the latents.
+    dims: [usize; 3],
+    state: RequestState,
+    /// The next step's index (from `plan.start` to `plan.steps`).
+    step: usize,
+}
+
+impl DiffusionRow {
+    /// The timestep of its next step.
+    fn timestep(&self) -> f32 {
+        self.state.scheduler.timesteps()[self.step]
+    }
+}
+
+impl StepRow for DiffusionRow {
+    fn done(&self) -> u32 {
+        (self.step as u32).saturating_sub(self.plan.start)
+    }
+    fn total(&self) -> u32 {
+        self.plan.steps_run()
+    }
+    fn network_rows(&self) -> usize {
+        self.plan.rows as usize
+    }
+    fn step_key(&self) -> u64 {
+        u64::from(self.timestep().to_bits())
+    }
+    fn bytes(&self) -> usize {
+        let floats = self.embeddings.len()
+            + self.state.latents.len()
+            + self.state.image_latents.as_ref().map_or(0, Vec::len)
+            + 2 * self.state.latents.len(); // a multistep scheduler's history, at most
+        floats * std::mem::size_of::<f32>() + std::mem::size_of::<Self>()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// The VAE posterior of one image: mean and log-variance, `[C, h, w]` each.
 type Moments = (Vec<f32>, Vec<f32>);
-
-/// A batch's rows for the denoising network, made once: which text embedding each row uses.
-struct Rows {
-    /// `[R, seq, dim]` embeddings, in row order.
-    embeddings: Vec<f32>,
-    /// `[seq, dim]`.
-    embedding_shape: (usize, usize),
-    /// Each request's first row and row count.
-    spans: Vec<(usize, usize)>,
-}
 
 impl DiffusionRunner {
     /// Wrap the sessions, checking their inputs and outputs against the folder's description.
@@ -88,6 +133,18 @@ impl DiffusionRunner {
         model: Arc<DiffusionModel>,
     ) -> anyhow::Result<Self> {
         let io = Io::read(&text_encoder, &unet, &vae_decoder, vae_encoder.as_ref(), &model)?;
+        if io.timestep_per_row {
+            tracing::info!(
+                model = name,
+                "the UNet takes a timestep per row: rows at any step share a call"
+            );
+        } else {
+            tracing::info!(
+                model = name,
+                "the UNet takes one timestep per call (an export not rewritten with \
+                 models/tools/per_row_timestep.py): only rows at equal timesteps share a call"
+            );
+        }
         Ok(Self {
             name: name.to_owned(),
             text_encoder,
@@ -99,8 +156,8 @@ impl DiffusionRunner {
         })
     }
 
-    /// Run whole requests of one shape, scheduler and step range; one image `[3, H, W]` in `[-1, 1]`
-    /// per request.
+    /// Run whole requests of one shape, scheduler and step range together from first step to last;
+    /// one image `[3, H, W]` in `[-1, 1]` per request (whole-request batching).
     pub fn run_batch(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<Vec<f32>>, String> {
         let plan = &batch[0].plan;
         // The batcher keys batches by size and group; a mix here would be a bug, not bad input.
@@ -108,28 +165,47 @@ impl DiffusionRunner {
         if batch.iter().any(|i| schedule(&i.plan) != schedule(plan)) {
             return Err("a diffusion batch mixed sizes, schedules or tasks".into());
         }
-        let rows = self.encode_text(batch)?;
-        let mut states = self.start(batch)?;
-        for i in plan.start as usize..plan.steps as usize {
-            self.step(batch, &rows, &mut states, i)?;
+        let mut rows = self.begin_rows(batch)?;
+        while rows[0].step < plan.steps as usize {
+            let mut refs: Vec<&mut DiffusionRow> = rows.iter_mut().collect();
+            self.step_rows(&mut refs)?;
         }
-        self.decode(batch, &states)
+        let refs: Vec<&DiffusionRow> = rows.iter().collect();
+        self.decode(&refs)
     }
 
-    fn latent_dims(&self, input: &DiffusionInput) -> [usize; 3] {
+    fn latent_dims(&self, plan: &super::Plan) -> [usize; 3] {
         let s = self.model.vae_scale;
         [
             self.model.latent_channels,
-            (input.plan.height / s) as usize,
-            (input.plan.width / s) as usize,
+            (plan.height / s) as usize,
+            (plan.width / s) as usize,
         ]
     }
 
-    /// The text embeddings of every row: `[negative, prompt]` with guidance, `[prompt, negative,
-    /// negative]` for a guided edit (diffusers' orders), `[prompt]` without.
-    fn encode_text(&mut self, batch: &[&DiffusionInput]) -> Result<Rows, String> {
+    /// Text embeddings and starting latents for each request (text encoder and VAE encoder batched).
+    fn begin_rows(&mut self, batch: &[&DiffusionInput]) -> Result<Vec<DiffusionRow>, String> {
+        let (embeddings, embedding_shape) = self.encode_text(batch)?;
+        let states = self.start(batch)?;
+        Ok(batch
+            .iter()
+            .zip(embeddings)
+            .zip(states)
+            .map(|((input, embeddings), state)| DiffusionRow {
+                plan: input.plan.clone(),
+                embeddings,
+                embedding_shape,
+                dims: self.latent_dims(&input.plan),
+                state,
+                step: input.plan.start as usize,
+            })
+            .collect())
+    }
+
+    /// Each request's text embeddings (its rows, in diffusers' order), from one encoder call.
+    fn encode_text(&mut self, batch: &[&DiffusionInput]) -> Result<(Vec<Vec<f32>>, (usize, usize)), String> {
         let mut ids: Vec<&[i64]> = Vec::new();
-        let mut spans = Vec::with_capacity(batch.len());
+        let mut counts = Vec::with_capacity(batch.len());
         for input in batch {
             let (p, n) = (input.prompt_ids.as_slice(), input.negative_ids.as_slice());
             let rows: &[&[i64]] = match input.plan.rows {
@@ -137,7 +213,7 @@ impl DiffusionRunner {
                 2 => &[n, p],
                 _ => &[p, n, n],
             };
-            spans.push((ids.len(), rows.len()));
+            counts.push(rows.len());
             ids.extend_from_slice(rows);
         }
         let seq = ids[0].len();
@@ -163,11 +239,17 @@ impl DiffusionRunner {
                 ids.len()
             ));
         }
-        Ok(Rows {
-            embeddings: data.to_vec(),
-            embedding_shape: (shape[1] as usize, shape[2] as usize),
-            spans,
-        })
+        let per_row = (shape[1] * shape[2]) as usize;
+        let mut rest = data;
+        let embeddings = counts
+            .iter()
+            .map(|&count| {
+                let (mine, tail) = rest.split_at(count * per_row);
+                rest = tail;
+                mine.to_vec()
+            })
+            .collect();
+        Ok((embeddings, (shape[1] as usize, shape[2] as usize)))
     }
 
     /// Each request's starting latents, drawn from its own generator in diffusers' order:
@@ -178,7 +260,7 @@ impl DiffusionRunner {
         let mut states = Vec::with_capacity(batch.len());
         for (input, moments) in batch.iter().zip(moments) {
             let plan = &input.plan;
-            let n: usize = self.latent_dims(input).iter().product();
+            let n: usize = self.latent_dims(plan).iter().product();
             let scheduler = scheduler::build(plan.scheduler, &self.model.scheduler_config, plan.steps as usize)
                 .map_err(|e| e.to_string())?;
             let mut rng = TorchGenerator::new(u64::from(input.seed));
@@ -224,6 +306,12 @@ impl DiffusionRunner {
             .ok_or("this model has no vae_encoder for its input images")?;
         let plan = &batch[0].plan;
         let (h, w) = (plan.height as usize, plan.width as usize);
+        if batch
+            .iter()
+            .any(|i| (i.plan.height, i.plan.width) != (plan.height, plan.width))
+        {
+            return Err("a diffusion batch mixed sizes".into());
+        }
         let flat = with_image.concat();
         let tensor = TensorRef::from_array_view(([with_image.len(), 3, h, w], flat.as_slice())).map_err(err)?;
         let outputs = encoder.run(ort::inputs!["sample" => tensor]).map_err(err)?;
@@ -247,51 +335,64 @@ impl DiffusionRunner {
             .collect())
     }
 
-    /// Step `i` for the whole batch: one network call for every row, then each request's guidance
-    /// and scheduler update.
-    fn step(
-        &mut self,
-        batch: &[&DiffusionInput],
-        rows: &Rows,
-        states: &mut [RequestState],
-        i: usize,
-    ) -> Result<(), String> {
-        let dims = self.latent_dims(batch[0]);
+    /// One step for each row, each at its own step: one network call for all their network rows,
+    /// then each request's guidance and scheduler update. Rows share a model and a size; without a
+    /// per-row timestep input they must also share the timestep.
+    fn step_rows(&mut self, rows: &mut [&mut DiffusionRow]) -> Result<(), String> {
+        let dims = rows[0].dims;
+        if rows.iter().any(|r| r.dims != dims) {
+            return Err("a diffusion step mixed sizes".into());
+        }
+        if rows.iter().any(|r| r.step >= r.plan.steps as usize) {
+            return Err("a finished request was given another step".into());
+        }
+        if !self.io.timestep_per_row && rows.iter().any(|r| r.timestep() != rows[0].timestep()) {
+            return Err("rows at different timesteps in one call of a UNet that takes one timestep".into());
+        }
         let n: usize = dims.iter().product();
-        let total_rows: usize = rows.spans.iter().map(|s| s.1).sum();
-        let channels = if states[0].image_latents.is_some() {
+        let total_rows: usize = rows.iter().map(|r| r.plan.rows as usize).sum();
+        let channels = if rows[0].state.image_latents.is_some() {
             2 * dims[0]
         } else {
             dims[0]
         };
+        let (seq, dim) = rows[0].embedding_shape;
         let mut sample = Vec::with_capacity(total_rows * channels * dims[1] * dims[2]);
-        let mut guidance_rows = Vec::new();
-        for (input, state) in batch.iter().zip(states.iter()) {
-            let mut scaled = state.latents.clone();
-            state.scheduler.scale_model_input(&mut scaled, i);
-            let span_rows = input.plan.rows as usize;
-            for row in 0..span_rows {
+        let mut embeddings = Vec::with_capacity(total_rows * seq * dim);
+        let mut timesteps = Vec::with_capacity(total_rows);
+        let mut guidance_rows = Vec::with_capacity(total_rows);
+        for row in rows.iter() {
+            let mut scaled = row.state.latents.clone();
+            row.state.scheduler.scale_model_input(&mut scaled, row.step);
+            let span_rows = row.plan.rows as usize;
+            for k in 0..span_rows {
                 sample.extend_from_slice(&scaled);
-                if let Some(image) = &state.image_latents {
+                if let Some(image) = &row.state.image_latents {
                     // A guided edit's third row is unconditional on the image: zeros.
-                    if span_rows == 3 && row == 2 {
+                    if span_rows == 3 && k == 2 {
                         sample.extend(std::iter::repeat_n(0.0, image.len()));
                     } else {
                         sample.extend_from_slice(image);
                     }
                 }
-                guidance_rows.push(input.plan.guidance_scale);
+                timesteps.push(row.timestep());
+                guidance_rows.push(row.plan.guidance_scale);
             }
+            embeddings.extend_from_slice(&row.embeddings);
         }
-        let t = states[0].scheduler.timesteps()[i];
+        if sample.len() != total_rows * channels * dims[1] * dims[2] || embeddings.len() != total_rows * seq * dim {
+            return Err("a diffusion step mixed tasks or text encoders".into());
+        }
         let started = std::time::Instant::now();
         let shape = [total_rows, channels, dims[1], dims[2]];
-        let noise = self.unet_call(&sample, shape, rows, t, &guidance_rows)?;
+        let noise = self.unet_call(&sample, shape, &embeddings, (seq, dim), &timesteps, &guidance_rows)?;
         let seconds = started.elapsed().as_secs_f64();
-        crate::metrics::observe_denoising_step(&self.name, batch.len(), total_rows, seconds);
-        for ((input, state), &(first, count)) in batch.iter().zip(states.iter_mut()).zip(&rows.spans) {
+        crate::metrics::observe_denoising_step(&self.name, rows.len(), total_rows, seconds);
+        let mut first = 0;
+        for row in rows.iter_mut() {
+            let count = row.plan.rows as usize;
             let out = |r: usize| &noise[(first + r) * n..(first + r + 1) * n];
-            let plan = &input.plan;
+            let plan = &row.plan;
             let g = plan.guidance_scale;
             let prediction: Vec<f32> = match count {
                 1 => out(0).to_vec(),
@@ -304,7 +405,13 @@ impl DiffusionRunner {
                         .collect()
                 }
             };
-            state.scheduler.step(&prediction, i, &mut state.latents, &mut state.rng);
+            first += count;
+            let step = row.step;
+            let state = &mut row.state;
+            state
+                .scheduler
+                .step(&prediction, step, &mut state.latents, &mut state.rng);
+            row.step += 1;
         }
         Ok(())
     }
@@ -313,12 +420,16 @@ impl DiffusionRunner {
         &mut self,
         sample: &[f32],
         shape: [usize; 4],
-        rows: &Rows,
-        t: f32,
+        embeddings: &[f32],
+        (seq, dim): (usize, usize),
+        timesteps: &[f32],
         guidance_rows: &[f32],
     ) -> Result<Vec<f32>, String> {
-        let (seq, dim) = rows.embedding_shape;
-        let timesteps = vec![t; if self.io.timestep_per_row { shape[0] } else { 1 }];
+        let timesteps = if self.io.timestep_per_row {
+            timesteps
+        } else {
+            &timesteps[..1]
+        };
         let timesteps_i64: Vec<i64> = timesteps.iter().map(|&t| t.round() as i64).collect();
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             (
@@ -327,7 +438,7 @@ impl DiffusionRunner {
             ),
             (
                 "encoder_hidden_states".into(),
-                TensorRef::from_array_view(([shape[0], seq, dim], rows.embeddings.as_slice()))
+                TensorRef::from_array_view(([shape[0], seq, dim], embeddings))
                     .map_err(err)?
                     .into(),
             ),
@@ -339,12 +450,8 @@ impl DiffusionRunner {
             (TensorElementType::Int64, false) => TensorRef::from_array_view(((), timesteps_i64.as_slice()))
                 .map_err(err)?
                 .into(),
-            (_, true) => TensorRef::from_array_view(([shape[0]], timesteps.as_slice()))
-                .map_err(err)?
-                .into(),
-            (_, false) => TensorRef::from_array_view(((), timesteps.as_slice()))
-                .map_err(err)?
-                .into(),
+            (_, true) => TensorRef::from_array_view(([shape[0]], timesteps)).map_err(err)?.into(),
+            (_, false) => TensorRef::from_array_view(((), timesteps)).map_err(err)?.into(),
         };
         inputs.push(("timestep".into(), timestep));
         let cond;
@@ -363,17 +470,20 @@ impl DiffusionRunner {
         Ok(data.to_vec())
     }
 
-    /// Decode every request's latents in one VAE call; a non-finite value fails the batch (so the
+    /// Decode every row's latents in one VAE call; a non-finite value fails the call (so the
     /// engine retries its requests one by one and only the bad one fails).
-    fn decode(&mut self, batch: &[&DiffusionInput], states: &[RequestState]) -> Result<Vec<Vec<f32>>, String> {
-        let dims = self.latent_dims(batch[0]);
+    fn decode(&mut self, rows: &[&DiffusionRow]) -> Result<Vec<Vec<f32>>, String> {
+        let dims = rows[0].dims;
+        if rows.iter().any(|r| r.dims != dims) {
+            return Err("a diffusion decode mixed sizes".into());
+        }
         let scale = self.model.scaling_factor;
-        let latents: Vec<f32> = states
+        let latents: Vec<f32> = rows
             .iter()
-            .flat_map(|s| s.latents.iter().map(move |x| x / scale))
+            .flat_map(|r| r.state.latents.iter().map(move |x| x / scale))
             .collect();
         let tensor =
-            TensorRef::from_array_view(([batch.len(), dims[0], dims[1], dims[2]], latents.as_slice())).map_err(err)?;
+            TensorRef::from_array_view(([rows.len(), dims[0], dims[1], dims[2]], latents.as_slice())).map_err(err)?;
         let outputs = self
             .vae_decoder
             .run(ort::inputs!["latent_sample" => tensor])
@@ -384,7 +494,7 @@ impl DiffusionRunner {
         if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
             return Err(format!("the model produced {bad} (not a finite number) in the image"));
         }
-        let per = data.len() / batch.len();
+        let per = data.len() / rows.len();
         Ok(data.chunks_exact(per).map(<[f32]>::to_vec).collect())
     }
 }
@@ -394,6 +504,42 @@ impl Runner for DiffusionRunner {
         let batch = inputs_of::<DiffusionInput>(inputs)?;
         self.run_batch(&batch)
     }
+
+    fn stepper(&mut self) -> Option<&mut dyn StepRunner> {
+        Some(self)
+    }
+}
+
+impl StepRunner for DiffusionRunner {
+    fn begin(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Box<dyn StepRow>>, String> {
+        let batch = inputs_of::<DiffusionInput>(inputs)?;
+        let rows = self.begin_rows(&batch)?;
+        Ok(rows.into_iter().map(|r| Box::new(r) as Box<dyn StepRow>).collect())
+    }
+
+    fn step(&mut self, rows: &mut [&mut dyn StepRow]) -> Result<(), String> {
+        let mut own: Vec<&mut DiffusionRow> = rows
+            .iter_mut()
+            .map(|r| r.as_any_mut().downcast_mut::<DiffusionRow>().ok_or_else(not_ours))
+            .collect::<Result<_, _>>()?;
+        self.step_rows(&mut own)
+    }
+
+    fn finish(&mut self, rows: &[&dyn StepRow]) -> Result<Vec<Vec<f32>>, String> {
+        let own: Vec<&DiffusionRow> = rows
+            .iter()
+            .map(|r| r.as_any().downcast_ref::<DiffusionRow>().ok_or_else(not_ours))
+            .collect::<Result<_, _>>()?;
+        self.decode(&own)
+    }
+
+    fn mixed_steps(&self) -> bool {
+        self.io.timestep_per_row
+    }
+}
+
+fn not_ours() -> String {
+    "a step row of another kind of model".to_owned()
 }
 
 /// diffusers' `get_guidance_scale_embedding(w - 1, dim)`: sines and cosines of `(w − 1) × 1000`,
