@@ -13,8 +13,9 @@ use crate::amqp::{ReplyPublisher, ReplyQueues};
 use crate::cancel::{StopFlag, StopReason};
 use crate::inference::StepProgress;
 
-/// How often the reply queue is looked at while a request renders (the check itself is cached:
-/// see [`ReplyQueues`]).
+/// How often the reply queue is looked at while a request renders: a passive declare on the
+/// worker's own channel, once a second per request in flight (a request runs seconds on a GPU,
+/// minutes queued or paused).
 const REPLY_QUEUE_CHECK: Duration = Duration::from_secs(1);
 
 /// What to watch and where to send notices.
@@ -68,7 +69,7 @@ pub(super) async fn while_rendering<T>(rendering: impl Future<Output = T>, mut w
             }
             _ = check.tick(), if reply_to.is_some() && watch.stop.reason().is_none() => {
                 let queue = reply_to.as_deref().expect("checked in the guard");
-                if watch.reply_queues.gone(queue, false).await {
+                if watch.reply_queues.gone(queue, true).await {
                     tracing::warn!(reply_to = queue, "the reply queue went away: stopping the request");
                     watch.stop.stop(StopReason::Abandoned);
                 }

@@ -19,3 +19,4 @@ mod rate_limits;
 mod reliability;
 mod step;
 mod step_batching;
+mod step_worker;
