@@ -415,6 +415,7 @@ fn wire_costs(size: u32) -> serde_json::Value {
         deadline: None,
         created_at: None,
         tier: None,
+        progress: false,
     };
     let body = serde_json::to_vec(&doc).unwrap();
     let (parse_ms, _) = time(

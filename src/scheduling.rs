@@ -27,8 +27,9 @@ pub enum OverloadAction {
     /// Put in a delay queue (`deferred` notice, reason `overloaded`) for `overload.defer_ms`,
     /// then served or deferred again: the device's time goes to the other tiers meanwhile.
     Defer,
-    /// Served at a lower resolution: the output's longer side is capped at
-    /// `overload.degrade_max_side` (the reply says so in `degraded`).
+    /// Served with less: the output's longer side is capped at `overload.degrade_max_side`, and a
+    /// multi-step (diffusion) model's steps at `overload.degrade_steps` (the reply says so in
+    /// `degraded`).
     Degrade,
 }
 
@@ -45,6 +46,9 @@ pub struct OverloadSettings {
     pub defer_ms: u64,
     /// Longest output side of a degraded request. Default 512.
     pub degrade_max_side: u32,
+    /// Most denoising steps of a degraded request to a multi-step (diffusion) model: one that asks
+    /// for more runs this many (image-to-image: its strength applies to these). Default 20.
+    pub degrade_steps: u32,
 }
 
 impl Default for OverloadSettings {
@@ -57,6 +61,7 @@ impl Default for OverloadSettings {
             ]),
             defer_ms: 16_000,
             degrade_max_side: 512,
+            degrade_steps: 20,
         }
     }
 }
@@ -154,6 +159,10 @@ impl Schedule {
             settings.overload.degrade_max_side >= 1,
             "scheduling.overload.degrade_max_side must be at least 1"
         );
+        ensure!(
+            settings.overload.degrade_steps >= 1,
+            "scheduling.overload.degrade_steps must be at least 1"
+        );
         let mut classes: Vec<TierClass> = tiers
             .iter()
             .map(|tier| TierClass {
@@ -248,6 +257,19 @@ mod tests {
             .overload
             .actions
             .insert("platinum".into(), OverloadAction::Defer);
+        assert!(Schedule::new(&settings, &TIERS, "free").is_err());
+    }
+
+    #[test]
+    fn degraded_requests_keep_at_least_one_pixel_and_one_step() {
+        let s = Schedule::new(&SchedulingSettings::default(), &TIERS, "free").unwrap();
+        assert_eq!((s.overload.degrade_max_side, s.overload.degrade_steps), (512, 20));
+        let mut settings = SchedulingSettings::default();
+        settings.overload.degrade_steps = 0;
+        let e = Schedule::new(&settings, &TIERS, "free").unwrap_err().to_string();
+        assert!(e.contains("degrade_steps"), "{e}");
+        let mut settings = SchedulingSettings::default();
+        settings.overload.degrade_max_side = 0;
         assert!(Schedule::new(&settings, &TIERS, "free").is_err());
     }
 

@@ -49,6 +49,7 @@ pub fn new_request(user_id: &str, model: &str, params: WireParams, image: Option
         deadline: None,
         created_at: Some(rfc3339(time::OffsetDateTime::now_utc())),
         tier: None,
+        progress: false,
     }
 }
 
@@ -144,6 +145,17 @@ impl Producer {
         self.reply_to(&request.request_id, timeout).await
     }
 
+    /// [`Producer::request`], handing each notice (`deferred`, `progress`) to `on_notice` on the way.
+    pub async fn request_with(
+        &mut self,
+        request: &RequestDocument,
+        timeout: Duration,
+        on_notice: impl FnMut(&ReplyDocument),
+    ) -> anyhow::Result<Reply> {
+        self.send(request).await?;
+        self.reply_to_with(&request.request_id, timeout, on_notice).await
+    }
+
     /// Send several requests at once and wait for every final reply; replies come back in the order
     /// of `requests`, whatever order they arrived in.
     pub async fn request_many(
@@ -173,8 +185,20 @@ impl Producer {
     }
 
     /// Wait for the final reply with this correlation id, skipping replies to other requests and
-    /// `deferred` notices (logged).
+    /// notices that are not final (`deferred`, `progress`, or a status this client does not know;
+    /// logged).
     pub async fn reply_to(&mut self, correlation_id: &str, timeout: Duration) -> anyhow::Result<Reply> {
+        self.reply_to_with(correlation_id, timeout, log_notice).await
+    }
+
+    /// [`Producer::reply_to`], handing every notice for this request (not final) to `on_notice` on
+    /// the way: `kiln submit --progress` prints the steps.
+    pub async fn reply_to_with(
+        &mut self,
+        correlation_id: &str,
+        timeout: Duration,
+        mut on_notice: impl FnMut(&ReplyDocument),
+    ) -> anyhow::Result<Reply> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -182,8 +206,8 @@ impl Producer {
             if reply.correlation_id.as_deref() != Some(correlation_id) {
                 continue;
             }
-            if let Some(deferral) = reply.document.deferred.as_ref().filter(|_| !reply.document.is_final()) {
-                tracing::info!(reason = %deferral.reason, retry_after_ms = deferral.retry_after_ms, "request deferred; waiting");
+            if !reply.document.is_final() {
+                on_notice(&reply.document);
                 continue;
             }
             return Ok(reply);
@@ -203,6 +227,23 @@ impl Producer {
     /// Close the connection (the reply queue goes with it).
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// What [`Producer::reply_to`] does with a notice: a line in the log.
+fn log_notice(notice: &ReplyDocument) {
+    match (&notice.deferred, &notice.progress) {
+        (Some(deferral), _) => {
+            tracing::info!(reason = %deferral.reason, retry_after_ms = deferral.retry_after_ms, "request deferred; waiting")
+        }
+        (None, Some(progress)) => {
+            tracing::debug!(
+                step = progress.step,
+                steps = progress.steps,
+                "request in progress; waiting"
+            )
+        }
+        (None, None) => tracing::info!(status = notice.status.as_str(), "a notice that is not final; waiting"),
     }
 }
 

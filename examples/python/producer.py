@@ -32,19 +32,22 @@ The contract in brief (docs/contract.md is normative; schemas/ has the JSON Sche
   UTF-8 JSON document (content_type application/json): version 1, request_id, user_id, model,
   optional params (style models: style, style_image, strength, size; diffusion models: task,
   prompt, negative_prompt, steps, guidance_scale, image_guidance_scale, strength, seed, width,
-  height, scheduler), the image as base64 (absent for text_to_image), and optional deadline and
-  created_at (RFC 3339). Unknown fields are refused.
+  height, scheduler), the image as base64 (absent for text_to_image), optional deadline and
+  created_at (RFC 3339), and optional progress (true asks for progress notices). Unknown fields
+  are refused.
 * Every request gets exactly one final reply. With the `reply_to` property set (as here) it goes to
   that queue; without it, to the `kiln.results` topic exchange with routing key = request_id. The
   reply's correlation_id is the request's (or the request_id when the request had none).
 * The reply document travels as JSON in the `kiln-reply` header, with `kiln-status` = ok | error |
-  deferred. On ok the body is the PNG file itself (content_type image/png); on error the body is the
+  deferred | progress. On ok the body is the PNG file itself (content_type image/png); on error the body is the
   reply document again, and `error.code` says what went wrong (`error.message` is for humans;
   `rate_limited` means the user is over a limit, and `rate_limit` says which).
 * `deferred` is NOT final: the user is over a rate limit whose tier policy is to defer, so the
   request waits in a delay queue and its final reply (ok or error) follows later with the same
   correlation_id; `deferred` = {retry_after_ms, reason, count}. A request may be deferred several
-  times. Any status other than ok and error is treated as not final.
+  times. `progress` is NOT final either: sent only when the request asked for it (--progress
+  here), while a diffusion model runs it step by step, `progress` = {step, steps}. Any status
+  other than ok and error is treated as not final.
 
 This script declares its own exclusive, auto-delete, server-named reply queue, publishes with
 publisher confirms and mandatory=True (so a missing `kiln.requests` queue is reported instead of
@@ -53,7 +56,11 @@ each `deferred` notice on the way prints one line to stderr,
 
     deferred: rate, retrying in 32 s
 
-and the wait goes on; --timeout bounds the whole wait, deferrals included.
+and the wait goes on; --timeout bounds the whole wait, deferrals included. With --progress the
+request asks for progress notices, and each prints a line there too:
+
+    step 12/25
+
 
 Output, for scripts and tests: exactly one line of JSON on stdout, nothing else there
 (diagnostics go to stderr):
@@ -191,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "previous step's PNG (put IMAGE before this option)")
     diffusion.add_argument("--then", action="append", dest="edit_chain", metavar="INSTRUCTION",
                            help="one more edit-chain step (repeatable; same as --edit-chain)")
+    parser.add_argument("--progress", action="store_true",
+                        help="diffusion models: ask for progress notices and print each as 'step I/N' on stderr")
     parser.add_argument("--deadline-seconds", type=float, metavar="N",
                         help="set the request's deadline to now + N seconds")
     parser.add_argument("--user", default="example-user", help="user_id (default: %(default)s)")
@@ -259,6 +268,8 @@ def build_request(args: argparse.Namespace, now: datetime, image: dict[str, str]
     if args.deadline_seconds is not None:
         request["deadline"] = rfc3339(now + timedelta(seconds=args.deadline_seconds))
     request["created_at"] = rfc3339(now)
+    if args.progress:
+        request["progress"] = True
     return request
 
 
@@ -286,8 +297,8 @@ FINAL_STATUSES = ("ok", "error")
 def wait_for_reply(channel, reply_queue: str, correlation_id: str, timeout: float):
     """The final reply on `reply_queue` whose correlation_id matches, as (properties, body, document).
 
-    Notices that are not final (`deferred`, or a status this script does not know) are reported on
-    stderr and the wait goes on; `timeout` bounds the whole wait.
+    Notices that are not final (`deferred`, `progress`, or a status this script does not know) are
+    reported on stderr and the wait goes on; `timeout` bounds the whole wait.
     """
     deadline = time.monotonic() + timeout
     for method, properties, body in channel.consume(reply_queue, auto_ack=True, inactivity_timeout=0.25):
@@ -306,6 +317,10 @@ def wait_for_reply(channel, reply_queue: str, correlation_id: str, timeout: floa
 
 def not_final_line(document: dict) -> str:
     """One line for stderr about a notice that is not the final reply."""
+    if document["status"] == "progress":
+        progress = document.get("progress")
+        progress = progress if isinstance(progress, dict) else {}
+        return f"step {progress.get('step', '?')}/{progress.get('steps', '?')}"
     if document["status"] != "deferred":
         return f"not final: status {document['status']!r}, still waiting"
     deferral = document.get("deferred")

@@ -51,7 +51,7 @@ pub struct ReplyPublisher {
 
 /// The header that carries the reply document.
 pub const REPLY_HEADER: &str = "kiln-reply";
-/// The header that carries `ok` or `error`.
+/// The header that carries the document's `status` (`ok`, `error`, `deferred`, `progress`).
 pub const STATUS_HEADER: &str = "kiln-status";
 /// The reply's AMQP `type` property.
 pub const REPLY_TYPE: &str = "kiln.reply.v1";
@@ -103,7 +103,7 @@ impl ReplyPublisher {
         }
         let content_type = match doc.status {
             ReplyStatus::Ok => "image/png",
-            ReplyStatus::Error | ReplyStatus::Deferred => "application/json",
+            ReplyStatus::Error | ReplyStatus::Deferred | ReplyStatus::Progress => "application/json",
         };
         let properties = BasicProperties::default()
             .with_content_type(content_type.into())

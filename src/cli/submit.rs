@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 
 use kiln::amqp::Topology;
 use kiln::configuration::Settings;
-use kiln::domain::{ReplyStatus, WireImage, WireParams, WireStyle};
+use kiln::domain::{ReplyDocument, ReplyStatus, WireImage, WireParams, WireStyle};
 use kiln::submit::{new_request, rfc3339, Producer};
 
 /// `kiln submit` arguments.
@@ -81,6 +81,10 @@ pub struct SubmitArgs {
     /// for a prompt alone).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    /// Ask for `progress` notices while a diffusion model runs, and print each as a line
+    /// `step I/N` on stderr.
+    #[arg(long)]
+    pub progress: bool,
     /// How long to wait for the reply, in seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
@@ -120,6 +124,7 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
     };
     let image = photo.as_deref().map(read).transpose()?;
     let mut request = new_request(&args.user, &model, params, image.as_deref());
+    request.progress = args.progress;
     request.deadline = args
         .deadline_secs
         .map(|s| rfc3339(time::OffsetDateTime::now_utc() + Duration::from_secs(s)));
@@ -129,7 +134,9 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         None => topology.requests,
     };
     let mut producer = Producer::connect(&settings.amqp.url, &queue).await?;
-    let reply = producer.request(&request, Duration::from_secs(args.timeout_secs)).await;
+    let reply = producer
+        .request_with(&request, Duration::from_secs(args.timeout_secs), print_notice)
+        .await;
     producer.close().await;
     let reply = reply?;
     let doc = &reply.document;
@@ -168,6 +175,25 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
     }
     println!("{}", out.display());
     Ok(())
+}
+
+/// A notice on the way to the reply, as a line on stderr: `step 3/10`, or the deferral.
+fn print_notice(notice: &ReplyDocument) {
+    if let Some(line) = notice_line(notice) {
+        eprintln!("{line}");
+    }
+}
+
+fn notice_line(notice: &ReplyDocument) -> Option<String> {
+    match (&notice.progress, &notice.deferred) {
+        (Some(p), _) => Some(format!("step {}/{}", p.step, p.steps)),
+        (None, Some(d)) => Some(format!(
+            "deferred: {}, retrying in {:.0} s",
+            d.reason,
+            d.retry_after_ms as f64 / 1000.0
+        )),
+        (None, None) => None,
+    }
 }
 
 /// Parse a style as the CLI takes it: `7`, or a blend `3:0.5,12:0.5`.
@@ -210,5 +236,11 @@ mod tests {
         assert_eq!(b.get("12"), Some(&0.25));
         assert!(parse_style("x").is_err());
         assert!(parse_style("3:x").is_err());
+    }
+
+    #[test]
+    fn notices_print_as_steps_or_deferrals() {
+        let notice = ReplyDocument::progress("r".into(), "sd".into(), 3, 10, "w".into());
+        assert_eq!(notice_line(&notice).as_deref(), Some("step 3/10"));
     }
 }

@@ -7,7 +7,7 @@ use super::generation::GenerationInfo;
 use super::limits::{Deferral, LimitInfo};
 use super::request::CONTRACT_VERSION;
 
-/// `ok` or `error`.
+/// `ok` or `error` (final), or a notice that is not final: `deferred`, `progress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplyStatus {
@@ -17,6 +17,9 @@ pub enum ReplyStatus {
     Error,
     /// Not final: the request waits in a delay queue (`deferred` says how long); its reply follows.
     Deferred,
+    /// Not final: a multi-step model ran a step of the request (`progress` says which); sent only
+    /// when the request asked for it. Its reply follows.
+    Progress,
 }
 
 impl ReplyStatus {
@@ -26,6 +29,7 @@ impl ReplyStatus {
             Self::Ok => "ok",
             Self::Error => "error",
             Self::Deferred => "deferred",
+            Self::Progress => "progress",
         }
     }
 }
@@ -65,15 +69,34 @@ pub struct ReplyDocument {
     /// prompt was cut to the text encoder's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationInfo>,
+    /// For a `progress` notice: the step just run, of how many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressInfo>,
 }
 
-/// How a reply was degraded under overload.
+/// How a reply was degraded under overload: the output's size capped, a multi-step model's steps
+/// cut, or both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Degraded {
-    /// The output's longer side was capped at this.
-    pub max_side: u32,
+    /// The output's longer side was capped at this; absent when the size was not capped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_side: Option<u32>,
+    /// A multi-step model ran with this many denoising steps instead of the ones asked for;
+    /// absent when the steps were not cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
     /// Why: `overloaded`.
     pub reason: String,
+}
+
+/// Where a request run step by step is: `step` of `steps` done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressInfo {
+    /// Steps run so far (1 after the first).
+    pub step: u32,
+    /// Steps the request runs in all (`generation.steps_run` of its final reply).
+    pub steps: u32,
 }
 
 /// The PNG in the body of a successful reply.
@@ -143,6 +166,7 @@ impl ReplyDocument {
             batch_size: None,
             degraded: None,
             generation: None,
+            progress: None,
         }
     }
 
@@ -168,6 +192,7 @@ impl ReplyDocument {
             batch_size: None,
             degraded: None,
             generation: None,
+            progress: None,
         }
     }
 
@@ -193,11 +218,83 @@ impl ReplyDocument {
             batch_size: None,
             degraded: None,
             generation: None,
+            progress: None,
         }
     }
 
-    /// Whether this is the request's final answer (not a `deferred` notice).
+    /// A notice that a multi-step model ran `step` of the request's `steps` (not final: its reply
+    /// follows).
+    pub fn progress(request_id: String, model: String, step: u32, steps: u32, worker_id: String) -> Self {
+        Self {
+            version: CONTRACT_VERSION,
+            request_id: Some(request_id),
+            status: ReplyStatus::Progress,
+            model: Some(model),
+            image: None,
+            error: None,
+            timings_ms: Timings::default(),
+            worker_id,
+            rate_limit: None,
+            deferred: None,
+            batch_size: None,
+            degraded: None,
+            generation: None,
+            progress: Some(ProgressInfo { step, steps }),
+        }
+    }
+
+    /// Whether this is the request's final answer (`ok` or `error`), not a notice (`deferred`,
+    /// `progress`).
     pub fn is_final(&self) -> bool {
-        self.status != ReplyStatus::Deferred
+        matches!(self.status, ReplyStatus::Ok | ReplyStatus::Error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_progress_notice_is_not_final_and_says_the_step() {
+        let notice = ReplyDocument::progress("r-1".into(), "sd".into(), 3, 10, "w".into());
+        assert!(!notice.is_final());
+        let wire = serde_json::to_value(&notice).unwrap();
+        assert_eq!(wire["status"], "progress");
+        assert_eq!(wire["progress"], serde_json::json!({"step": 3, "steps": 10}));
+        assert_eq!(
+            (wire["image"].clone(), wire["error"].clone()),
+            (serde_json::Value::Null, serde_json::Value::Null)
+        );
+        assert!(wire.get("deferred").is_none() && wire.get("generation").is_none());
+        assert_eq!(serde_json::from_value::<ReplyDocument>(wire).unwrap(), notice);
+        assert_eq!(ReplyStatus::Progress.as_str(), "progress");
+
+        let ok = ReplyDocument::ok("r-1".into(), "sd".into(), image(), Timings::default(), "w".into());
+        assert!(ok.is_final());
+        assert!(serde_json::to_value(&ok).unwrap().get("progress").is_none());
+    }
+
+    #[test]
+    fn degraded_names_only_what_was_cut() {
+        let steps_only = Degraded {
+            max_side: None,
+            steps: Some(20),
+            reason: "overloaded".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&steps_only).unwrap(),
+            serde_json::json!({"steps": 20, "reason": "overloaded"})
+        );
+        let size_only: Degraded = serde_json::from_str(r#"{"max_side": 512, "reason": "overloaded"}"#).unwrap();
+        assert_eq!((size_only.max_side, size_only.steps), (Some(512), None));
+    }
+
+    fn image() -> ImageInfo {
+        ImageInfo {
+            format: "png".into(),
+            width: 1,
+            height: 1,
+            bytes: 1,
+        }
     }
 }

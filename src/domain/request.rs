@@ -47,6 +47,13 @@ pub struct RequestDocument {
     /// Accepted and ignored: a user's tier never comes from the producer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// Ask for `progress` notices (step i of n) while a multi-step model runs. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub progress: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Model parameters as they travel. Which ones a model takes is the model's business.
@@ -217,6 +224,11 @@ pub struct GenerationRequest {
     /// A cap on the output's longer side set by the worker, not the producer (degraded service
     /// under overload); `None` from parsing.
     pub size_cap: Option<u32>,
+    /// A cap on a multi-step model's denoising steps set by the worker, not the producer (degraded
+    /// service under overload); `None` from parsing.
+    pub steps_cap: Option<u32>,
+    /// The producer asked for `progress` notices while the request runs step by step.
+    pub progress: bool,
 }
 
 /// What could be recovered from a request that failed to parse, so the error reply can still
@@ -321,6 +333,8 @@ impl GenerationRequest {
             deadline,
             created_at,
             size_cap: None,
+            steps_cap: None,
+            progress: doc.progress,
         })
     }
 }
@@ -574,9 +588,30 @@ mod tests {
             deadline: None,
             created_at: None,
             tier: None,
+            progress: false,
         };
+        let wire = serde_json::to_value(&doc).unwrap();
+        assert!(wire.get("progress").is_none(), "not asked for: not sent");
         let req = GenerationRequest::parse(&serde_json::to_vec(&doc).unwrap(), 1 << 20).unwrap();
         assert_eq!(req.image.as_deref(), Some(&b"\x89PNG"[..]));
         assert_eq!(req.params.style, Some(StyleChoice::Single(7)));
+        assert!(!req.progress);
+    }
+
+    #[test]
+    fn progress_is_asked_for_with_a_boolean_and_anything_else_is_malformed() {
+        let mut v = valid();
+        v["progress"] = true.into();
+        let req = GenerationRequest::parse(&body(v), 1 << 20).unwrap();
+        assert!(req.progress);
+        assert_eq!((req.steps_cap, req.size_cap), (None, None));
+        let mut v = valid();
+        v["progress"] = false.into();
+        assert!(!GenerationRequest::parse(&body(v), 1 << 20).unwrap().progress);
+        for bad in [serde_json::json!("yes"), serde_json::json!(1), serde_json::Value::Null] {
+            let mut v = valid();
+            v["progress"] = bad.clone();
+            assert_eq!(code_of(v), ErrorCode::MalformedRequest, "progress = {bad}");
+        }
     }
 }

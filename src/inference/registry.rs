@@ -87,6 +87,14 @@ impl ModelRegistry {
         manifest.pipeline.pipeline().output_size(manifest, request)
     }
 
+    /// The denoising steps a multi-step model's schedule would have for a request (see
+    /// [`super::Pipeline::planned_steps`]), without decoding; `None` for single-pass models, unknown
+    /// models and requests the model would refuse.
+    pub fn planned_steps(&self, request: &GenerationRequest) -> Option<u32> {
+        let manifest = self.get(&request.model).ok()?;
+        manifest.pipeline.pipeline().planned_steps(manifest, request)
+    }
+
     /// Decode and check a request's inputs against its model, and lay them out for the network.
     /// CPU-bound: call from a blocking thread.
     pub fn prepare(&self, request: &GenerationRequest) -> Result<Prepared, RequestError> {

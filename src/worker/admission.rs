@@ -11,7 +11,7 @@ use crate::domain::reply::Degraded;
 use crate::domain::{Deferral, DeferralReason, ErrorCode, GenerationRequest, LimitInfo, RequestError, Scope};
 use crate::inference::ModelRegistry;
 use crate::rate_limit::{AtLimit, Decision, Limiter};
-use crate::scheduling::OverloadAction;
+use crate::scheduling::{OverloadAction, Schedule};
 
 /// What to do with a request before it goes near the device.
 #[derive(Debug)]
@@ -20,7 +20,7 @@ pub(super) enum Admission {
     Go {
         lease: LeaseGuard,
         rate_limit: Option<LimitInfo>,
-        /// Set when overload capped its size.
+        /// Set when overload capped its size or its steps.
         degraded: Option<Degraded>,
     },
     /// Answer with this error.
@@ -47,8 +47,9 @@ impl Admission {
 }
 
 /// Decide, in order: deadline passed → `expired`; overloaded and the tier defers → defer;
-/// overloaded and the tier degrades → cap the size; then the limiter. When the limiter names the
-/// user's tier, `incoming.class` becomes that tier's.
+/// overloaded and the tier degrades → cap the size and the steps; then the limiter, which prices
+/// what will run (after the caps). When the limiter names the user's tier, `incoming.class` becomes
+/// that tier's.
 pub(super) async fn admit(services: &Services, incoming: &mut Incoming) -> Admission {
     let schedule = &services.schedule;
     let tier = schedule.class(incoming.class);
@@ -72,21 +73,7 @@ pub(super) async fn admit(services: &Services, incoming: &mut Incoming) -> Admis
                     rate_limit: None,
                 }
             }
-            OverloadAction::Degrade => {
-                // Only a request that would come out larger than the cap is degraded.
-                let cap = schedule.overload.degrade_max_side;
-                let larger = services
-                    .registry
-                    .output_size(&incoming.request)
-                    .is_ok_and(|(w, h)| w.max(h) > cap);
-                if larger {
-                    incoming.request.size_cap = Some(cap);
-                    degraded = Some(Degraded {
-                        max_side: cap,
-                        reason: "overloaded".into(),
-                    });
-                }
-            }
+            OverloadAction::Degrade => degraded = degrade(&services.registry, schedule, &mut incoming.request),
             OverloadAction::Serve => {}
         }
     }
@@ -110,6 +97,36 @@ pub(super) async fn admit(services: &Services, incoming: &mut Incoming) -> Admis
         }
         other => other,
     }
+}
+
+/// Serve less under overload: cap the output's longer side at `degrade_max_side` when it would be
+/// larger, and a multi-step model's steps at `degrade_steps` when it plans more; what was cut, if
+/// anything, for the reply. Both are weighed without decoding.
+fn degrade(registry: &ModelRegistry, schedule: &Schedule, request: &mut GenerationRequest) -> Option<Degraded> {
+    let overload = &schedule.overload;
+    let max_side = registry
+        .output_size(request)
+        .is_ok_and(|(w, h)| w.max(h) > overload.degrade_max_side)
+        .then_some(overload.degrade_max_side);
+    let steps = registry
+        .planned_steps(request)
+        .is_some_and(|steps| steps > overload.degrade_steps)
+        .then_some(overload.degrade_steps);
+    request.size_cap = max_side;
+    request.steps_cap = steps;
+    // An image-to-image request at a very low strength could be left no step to run: serve it
+    // with its own steps rather than refuse it for the worker's cut.
+    let steps = if steps.is_some() && registry.planned_steps(request).is_none() {
+        request.steps_cap = None;
+        None
+    } else {
+        steps
+    };
+    (max_side.is_some() || steps.is_some()).then(|| Degraded {
+        max_side,
+        steps,
+        reason: "overloaded".into(),
+    })
 }
 
 /// Price the request (from the image header alone, no decoding) and ask the limiter.

@@ -132,6 +132,31 @@ pub(super) fn deferred_notice(
     }
 }
 
+/// A `progress` notice: not final, `step` of the request's `steps` ran; routed and correlated like
+/// the final reply that follows.
+pub(super) fn progress_notice(
+    delivery: &Delivery,
+    target: &ReplyTarget,
+    step: u32,
+    steps: u32,
+    worker_id: String,
+) -> OutgoingReply {
+    let (route, correlation_id) = (route(delivery, target), correlation_id(delivery, target));
+    let document = ReplyDocument::progress(
+        target.request_id.clone().unwrap_or_default(),
+        target.model.clone().unwrap_or_default(),
+        step,
+        steps,
+        worker_id,
+    );
+    OutgoingReply {
+        route,
+        correlation_id,
+        body: json(&document),
+        document,
+    }
+}
+
 fn json(document: &ReplyDocument) -> Vec<u8> {
     serde_json::to_vec(document).expect("a reply document always serialises")
 }

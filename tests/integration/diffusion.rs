@@ -82,6 +82,7 @@ pub fn document(case: &Case) -> RequestDocument {
         deadline: None,
         created_at: None,
         tier: None,
+        progress: false,
     }
 }
 

@@ -361,6 +361,7 @@ pub fn request(image: &[u8], style: Option<WireStyle>) -> RequestDocument {
         deadline: None,
         created_at: None,
         tier: None,
+        progress: false,
     }
 }
 

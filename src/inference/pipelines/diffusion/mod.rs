@@ -57,6 +57,10 @@ impl Pipeline for DiffusionSpec {
         Ok((plan.width, plan.height))
     }
 
+    fn planned_steps(&self, manifest: &Manifest, request: &GenerationRequest) -> Option<u32> {
+        plan(manifest, self.model(), request).ok().map(|plan| plan.steps)
+    }
+
     fn prepare(&self, manifest: &Manifest, request: &GenerationRequest) -> Result<Prepared, RequestError> {
         let model = self.model();
         let plan = plan(manifest, model, request)?;

@@ -15,7 +15,8 @@ pub struct Plan {
     pub task: Task,
     /// The scheduler.
     pub scheduler: SchedulerKind,
-    /// Steps asked for: the scheduler's timesteps are set for this many.
+    /// Steps asked for (or the model's default), at most the worker's overload cap: the scheduler's
+    /// timesteps are set for this many.
     pub steps: u32,
     /// The first step run: 0, or for `image_to_image` `steps − ⌊steps × strength⌋`.
     pub start: u32,
@@ -169,6 +170,9 @@ pub fn plan(manifest: &Manifest, model: &DiffusionModel, request: &GenerationReq
             model.max_steps
         )));
     }
+    // The worker's overload cap (never the producer's): the schedule is set for fewer steps, as if
+    // they had been asked for, so an image-to-image start follows from strength on the cut count.
+    let steps = request.steps_cap.map_or(steps, |cap| steps.min(cap.max(1)));
     let guidance_scale = g.guidance_scale.unwrap_or(model.default_guidance_scale);
     if guidance_scale > model.max_guidance_scale {
         return Err(invalid(format!(
@@ -393,6 +397,52 @@ mod tests {
             256,
             "a cap above the size changes nothing"
         );
+    }
+
+    #[test]
+    fn an_overload_steps_cap_runs_fewer_steps_as_if_they_had_been_asked_for() {
+        let sd = model("sd-tiny-random");
+        let mut r = request("sd-tiny-random", serde_json::json!({"prompt": "a", "steps": 30}), false);
+        r.steps_cap = Some(20);
+        let p = plan_of(&sd, &r).unwrap();
+        assert_eq!((p.steps, p.start, p.steps_run()), (20, 0, 20));
+        assert_eq!(p.work().denoising_evaluations, Some(40), "priced at the steps it runs");
+        let uncapped = request("sd-tiny-random", serde_json::json!({"prompt": "a", "steps": 20}), false);
+        assert_eq!(
+            p.batch_group(),
+            plan_of(&sd, &uncapped).unwrap().batch_group(),
+            "it batches with requests that asked for 20"
+        );
+        r.steps_cap = Some(40);
+        assert_eq!(
+            plan_of(&sd, &r).unwrap().steps,
+            30,
+            "a cap above the steps changes nothing"
+        );
+        // Without `steps`, the model's default (10) is what the cap weighs against.
+        let mut r = request("sd-tiny-random", serde_json::json!({"prompt": "a"}), false);
+        r.steps_cap = Some(4);
+        assert_eq!(plan_of(&sd, &r).unwrap().steps, 4);
+
+        // Image to image: the first step follows from strength on the cut count, as diffusers'
+        // pipeline does with num_inference_steps = 20: ⌊20 × 0.6⌋ = 12 run, from step 8.
+        let mut r = request(
+            "sd-tiny-random",
+            serde_json::json!({"prompt": "a", "steps": 30, "strength": 0.6}),
+            true,
+        );
+        assert_eq!(plan_of(&sd, &r).unwrap().steps_run(), 18);
+        r.steps_cap = Some(20);
+        let p = plan_of(&sd, &r).unwrap();
+        assert_eq!((p.steps, p.start, p.steps_run()), (20, 8, 12));
+        // A cap so low that the strength leaves no step is refused like such a request would be.
+        let mut r = request(
+            "sd-tiny-random",
+            serde_json::json!({"prompt": "a", "steps": 30, "strength": 0.3}),
+            true,
+        );
+        r.steps_cap = Some(3);
+        assert_eq!(plan_of(&sd, &r).unwrap_err().code, ErrorCode::InvalidParams);
     }
 
     #[test]
