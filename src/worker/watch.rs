@@ -14,9 +14,9 @@ use crate::cancel::{StopFlag, StopReason};
 use crate::inference::StepProgress;
 
 /// How often the reply queue is looked at while a request renders: a passive declare on the
-/// worker's own channel, once a second per request in flight (a request runs seconds on a GPU,
-/// minutes queued or paused).
-const REPLY_QUEUE_CHECK: Duration = Duration::from_secs(1);
+/// worker's own channel. Not more often: an exclusive queue of another connection answers 405
+/// (locked, so it exists) by closing the probe channel, which is then opened again.
+const REPLY_QUEUE_CHECK: Duration = Duration::from_secs(2);
 
 /// What to watch and where to send notices.
 pub(super) struct Watch<'a> {

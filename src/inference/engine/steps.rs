@@ -434,7 +434,7 @@ fn verdict(job: &Job, key: &BatchKey, left: u32, times: &StepTimes, now: Instant
     let step = times.get(key)?;
     let expected = step * f64::from(left);
     let short_by = (now + Duration::from_secs_f64(expected)).saturating_duration_since(deadline);
-    (!short_by.is_zero()).then(|| InferenceError::WontFinish {
+    (!short_by.is_zero()).then_some(InferenceError::WontFinish {
         steps_left: left,
         step_seconds: step,
         short_by: short_by.as_secs_f64(),

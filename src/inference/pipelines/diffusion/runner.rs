@@ -122,6 +122,9 @@ impl StepRow for DiffusionRow {
 /// The VAE posterior of one image: mean and log-variance, `[C, h, w]` each.
 type Moments = (Vec<f32>, Vec<f32>);
 
+/// Each request's text embeddings, and their `(seq, dim)`.
+type Embeddings = (Vec<Vec<f32>>, (usize, usize));
+
 impl DiffusionRunner {
     /// Wrap the sessions, checking their inputs and outputs against the folder's description.
     pub fn new(
@@ -203,7 +206,7 @@ impl DiffusionRunner {
     }
 
     /// Each request's text embeddings (its rows, in diffusers' order), from one encoder call.
-    fn encode_text(&mut self, batch: &[&DiffusionInput]) -> Result<(Vec<Vec<f32>>, (usize, usize)), String> {
+    fn encode_text(&mut self, batch: &[&DiffusionInput]) -> Result<Embeddings, String> {
         let mut ids: Vec<&[i64]> = Vec::new();
         let mut counts = Vec::with_capacity(batch.len());
         for input in batch {
