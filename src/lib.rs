@@ -12,7 +12,11 @@
 //!        │     3. worker::render      prepare (cpu_pool) ─► inference::InferenceHandle::infer
 //!        │                              ─► inference::engine thread: inference::batcher picks the
 //!        │                                 batch, the model kind's pipeline::Runner runs it (ONNX
-//!        │                                 Runtime, CPU or CUDA) ─► finish + PNG (cpu_pool)
+//!        │                                 Runtime, CPU or CUDA); a multi-step (diffusion) request
+//!        │                                 joins engine::steps' running set instead and leaves it
+//!        │                                 between steps ─► finish + PNG (cpu_pool)
+//!        │                              (worker::watch meanwhile: `progress` notices; a reply queue
+//!        │                               that went away or a cancel stops it before its next step)
 //!        │     4. worker::reply       amqp::ReplyPublisher::publish (mandatory, publisher confirm)
 //!        ◄──── 5. worker::settle      the one table: every ending → ack / dead-letter / requeue
 //! ```
@@ -27,17 +31,21 @@
 //!   [`inference::Pipeline`] (check, prepare, load a [`inference::Runner`], batches, warm-up) on its
 //!   manifest section, and one variant in [`inference::manifest::PipelineSpec`]. The multi-step
 //!   kind, [`inference::pipelines::diffusion`], plans a request (steps, guidance, size, scheduler),
-//!   prepares it (tokens, seed, image) and runs whole requests in batches: text encoder, one UNet
-//!   call per step for every row, each request's own scheduler and noise, VAE decode; its numerics
-//!   (tokenizer, schedulers, torch's generator) are in [`diffusion`].
+//!   prepares it (tokens, seed, image) and runs it in phases ([`inference::StepRunner`]: begin,
+//!   one UNet call per step for every running row at its own step, VAE decode), which the engine's
+//!   step-level scheduler interleaves across requests; its numerics (tokenizer, schedulers, torch's
+//!   generator) are in [`diffusion`].
+//! - A request is **stopped** (cancelled by its producer, abandoned by it) through [`cancel`]:
+//!   a flag the worker checks between stages and the inference thread between steps.
 //!
 //! # Modules
 //!
 //! - [`configuration`]: all settings composed, loaded from a file and `KILN_*` variables, validated
 //!   once; each section is declared by the module it configures.
 //! - [`domain`]: the message contract: requests, replies, ids, error codes, deferral reasons.
-//! - [`amqp`]: connection with backoff, topology (tier queues, delay queues), consuming,
-//!   confirmed reply publishing.
+//! - [`amqp`]: connection with backoff, topology (tier queues, delay queues, the cancel exchange),
+//!   consuming, confirmed reply publishing, whether a reply queue still exists.
+//! - [`cancel`]: stop flags for requests in flight, and the cancels this worker heard.
 //! - [`worker`]: one delivery from arrival to ack (the five steps above).
 //! - [`scheduling`]: tiers' weights, default deadlines and overload actions.
 //! - [`rate_limit`]: per-user limits by tier in Redis (one Lua round trip), with an outage policy.
