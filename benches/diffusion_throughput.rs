@@ -218,6 +218,9 @@ fn main() {
         let env = [
             ("KILN_MODELS__ENABLED", args.model.clone()),
             ("KILN_BATCHING__MAX_BATCH_SIZE", batch.to_string()),
+            // Whole batches of equal requests, as the raw loop runs them (step-level batching is
+            // compared with whole-request batching by scripts/bench-step-batching.sh).
+            ("KILN_BATCHING__DIFFUSION__MODE", "request".to_owned()),
             ("KILN_AMQP__PREFETCH", (4 * batch).max(16).to_string()),
         ];
         let worker = Worker::spawn(args.threads, &env);
