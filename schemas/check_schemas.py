@@ -6,10 +6,11 @@
 
 What it checks (it reports every failure, then exits 1 if there was any):
 
-1. `request.v1.schema.json`, `reply.v1.schema.json` and `heartbeat.v1.schema.json` are valid JSON Schema 2020-12
-   (`Draft202012Validator.check_schema`).
+1. `request.v1.schema.json`, `reply.v1.schema.json`, `heartbeat.v1.schema.json` and `cancel.v1.schema.json`
+   are valid JSON Schema 2020-12 (`Draft202012Validator.check_schema`).
 2. Every `examples/*.json` is valid against its schema, and every `examples/invalid/*.json`
-   is invalid. The schema is chosen by the file name's prefix (`request-`, `reply-` or `heartbeat-`).
+   is invalid. The schema is chosen by the file name's prefix (`request-`, `reply-`, `heartbeat-`
+   or `cancel`: `cancel.json` and `cancel-*.json`).
 3. Each invalid example fails for the reason it was written for: `EXPECTED_INVALID` names,
    for every file, the instance location and the keyword of the violation, and that error must
    be among the ones reported. This keeps an example from passing the check by accident (say, a
@@ -51,6 +52,7 @@ SCHEMAS = {
     "request-": HERE / "request.v1.schema.json",
     "reply-": HERE / "reply.v1.schema.json",
     "heartbeat-": HERE / "heartbeat.v1.schema.json",
+    "cancel": HERE / "cancel.v1.schema.json",
 }
 
 # file name -> (JSON pointer of the offending value, keyword that must report it)
@@ -158,6 +160,12 @@ EXPECTED_INVALID: dict[str, tuple[str, str]] = {
     "heartbeat-queue-extra-field.json": ("/queue", "additionalProperties"),
     "heartbeat-throttle-reason-unknown.json": ("/gpus/0/throttle_reasons/0", "enum"),
     "heartbeat-timestamp-unix.json": ("/timestamp", "type"),
+    "cancel-missing-request-id.json": ("", "required"),
+    "cancel-version-2.json": ("/version", "const"),
+    "cancel-request-id-space.json": ("/request_id", "pattern"),
+    "cancel-unknown-field.json": ("", "additionalProperties"),
+    "cancel-reason-not-string.json": ("/reason", "type"),
+    "cancel-reason-too-long.json": ("/reason", "maxLength"),
 }
 
 

@@ -6,11 +6,48 @@
 //! between denoising steps. A cancel for a request this worker does not hold is remembered for
 //! `remember` (a request waiting in a delay queue comes back later, perhaps to another worker:
 //! every worker hears every cancel), so it is stopped on arrival.
+//!
+//! Cancels reach [`Cancellations::cancel`] from the listener on the cancel exchange,
+//! [`crate::amqp::cancel`]; `remember` is the `[cancel]` setting [`CancelSettings::remember_secs`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// The `[cancel]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CancelSettings {
+    /// How long a worker remembers a cancel, in seconds, so that the request is stopped when it
+    /// arrives later: still queued, or back from a delay queue (perhaps at another worker: every
+    /// worker hears every cancel). Default 900 (15 minutes): longer than a free request lives
+    /// (its default deadline is 10 minutes) and than rate, in-flight and overload deferrals
+    /// usually last; a request deferred longer (a daily quota, whose trips last up to 4096 s)
+    /// that comes back after the cancel is forgotten is served. At least 1.
+    pub remember_secs: u64,
+}
+
+impl Default for CancelSettings {
+    fn default() -> Self {
+        Self { remember_secs: 900 }
+    }
+}
+
+impl CancelSettings {
+    /// The checks types cannot make.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.remember_secs >= 1, "cancel.remember_secs must be at least 1");
+        Ok(())
+    }
+
+    /// How long a cancel is remembered.
+    pub fn remember(&self) -> Duration {
+        Duration::from_secs(self.remember_secs)
+    }
+}
 
 /// Why a request was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! silently keep its default. `config/kiln.example.toml` lists every setting.
 //!
 //! Each section is declared by the module it configures (`amqp::settings`, `inference::settings`,
-//! `rate_limit::settings`, `scheduling`, `observability::settings`, `worker::settings`,
+//! `rate_limit::settings`, `scheduling`, `observability::settings`, `worker::settings`, `cancel`,
 //! `telemetry`); this file only composes them, loads them, and validates them
 //! ([`Settings::validate`], called once by what consumes them). Modules take their own section,
 //! never the whole `Settings`.
@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 pub use crate::amqp::settings::{AmqpSettings, BackoffSettings, TopologySettings};
 use crate::amqp::Topology;
+pub use crate::cancel::CancelSettings;
 pub use crate::inference::settings::{
     ArenaExtendStrategy, BatchingSettings, ConvAlgorithmSearch, CudaSettings, ExecutionProviderKind, Fallback,
     InferenceSettings, ModelBatching, ModelSettings, ORT_VERSION,
@@ -48,6 +49,8 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     /// This worker's identity and shutdown behaviour.
     pub worker: WorkerSettings,
+    /// Cancels from producers (the `<prefix>.cancel` exchange).
+    pub cancel: CancelSettings,
     /// Logs.
     pub telemetry: TelemetrySettings,
     /// The operators' HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
@@ -98,7 +101,8 @@ impl Settings {
     /// The checks across fields that types cannot make. Called once, by what consumes the settings
     /// (`Application::build`, `kiln limits`), so settings made in code are checked too.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.rate_limit.validate().context("invalid rate_limit settings")
+        self.rate_limit.validate().context("invalid rate_limit settings")?;
+        self.cancel.validate().context("invalid cancel settings")
     }
 
     /// The broker's names for these settings: the shared request queue, and one per tier unless
@@ -165,6 +169,14 @@ mod tests {
     fn unknown_or_mistyped_settings_are_errors() {
         assert!(Settings::load_from(None, Some(env(&[("KILN_AMQP__PREFECH", "4")]))).is_err());
         assert!(Settings::load_from(None, Some(env(&[("KILN_INFERENCE__EXECUTION_PROVIDER", "tpu")]))).is_err());
+    }
+
+    #[test]
+    fn cancels_are_remembered_for_a_while_and_never_for_no_time() {
+        let s = Settings::load_from(None, Some(env(&[]))).unwrap();
+        assert_eq!(s.cancel.remember(), std::time::Duration::from_secs(900));
+        let s = Settings::load_from(None, Some(env(&[("KILN_CANCEL__REMEMBER_SECS", "0")]))).unwrap();
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -44,8 +44,10 @@
 //!   once; each section is declared by the module it configures.
 //! - [`domain`]: the message contract: requests, replies, ids, error codes, deferral reasons.
 //! - [`amqp`]: connection with backoff, topology (tier queues, delay queues, the cancel exchange),
-//!   consuming, confirmed reply publishing, whether a reply queue still exists.
-//! - [`cancel`]: stop flags for requests in flight, and the cancels this worker heard.
+//!   consuming, confirmed reply publishing, whether a reply queue still exists, hearing cancels
+//!   ([`amqp::cancel`]).
+//! - [`cancel`]: stop flags for requests in flight, and the cancels this worker heard (remembered
+//!   `cancel.remember_secs`).
 //! - [`worker`]: one delivery from arrival to ack (the five steps above).
 //! - [`scheduling`]: tiers' weights, default deadlines and overload actions.
 //! - [`rate_limit`]: per-user limits by tier in Redis (one Lua round trip), with an outage policy.
@@ -59,9 +61,9 @@
 //! - [`observability`]: `/metrics`, `/healthz`, `/readyz`, the fleet heartbeat; [`metrics`] (every
 //!   Prometheus metric, declared once in a table), [`gpu`] (NVML), [`trace_context`] (W3C
 //!   `traceparent` from requests to replies).
-//! - [`submit`]: the producer client (`kiln submit`, `kiln bench`, tests, benchmarks). The `kiln`
-//!   command itself (`src/main.rs`, `src/cli/`: `worker`, `submit`, `bench`, `models`, `limits`)
-//!   lives in the binary.
+//! - [`submit`]: the producer client (`kiln submit`, `kiln cancel`, `kiln bench`, tests,
+//!   benchmarks). The `kiln` command itself (`src/main.rs`, `src/cli/`: `worker`, `submit`,
+//!   `cancel`, `bench`, `models`, `limits`) lives in the binary.
 
 pub mod amqp;
 pub mod cancel;

@@ -8,6 +8,9 @@
 //! One task can send and wait in turn ([`Producer::request`], [`Producer::request_many`]), or a
 //! producer can be [split](Producer::split) into a [`Sender`] that any number of tasks clone and a
 //! [`Replies`] stream that one reader task owns (`kiln bench`).
+//!
+//! [`Producer::cancel`] asks every worker to stop a request (`kiln cancel`): a cancel message on
+//! the fanout exchange `<prefix>.cancel`, the prefix taken from the request queue's name.
 
 use std::time::Duration;
 
@@ -19,7 +22,9 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::amqp::publisher::REPLY_HEADER;
-use crate::domain::{ReplyDocument, RequestDocument, WireImage, WireParams, CONTRACT_VERSION};
+use crate::amqp::topology::{cancel_exchange, Topology};
+use crate::domain::cancel::CANCEL_TYPE;
+use crate::domain::{Cancel, CancelDocument, ReplyDocument, RequestDocument, WireImage, WireParams, CONTRACT_VERSION};
 
 /// A reply as a producer receives it.
 #[derive(Debug)]
@@ -72,6 +77,8 @@ pub struct Sender {
     channel: Channel,
     reply_queue: String,
     requests_queue: String,
+    /// `<prefix>.cancel`, when the request queue's name has a kiln prefix.
+    cancel_exchange: Option<String>,
 }
 
 /// The receiving half of a [`Producer`]: every reply to its requests, in arrival order.
@@ -114,6 +121,7 @@ impl Producer {
                 channel,
                 reply_queue,
                 requests_queue: requests_queue.to_owned(),
+                cancel_exchange: Topology::prefix_of_request_queue(requests_queue).map(cancel_exchange),
             },
             replies: Replies { consumer },
         })
@@ -132,6 +140,11 @@ impl Producer {
     /// See [`Sender::send_raw`].
     pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
         self.sender.send_raw(body, correlation_id).await
+    }
+
+    /// Ask every worker to stop the request `request_id`; see [`Sender::cancel`].
+    pub async fn cancel(&self, request_id: &str, reason: Option<&str>) -> anyhow::Result<bool> {
+        self.sender.cancel(request_id, reason).await
     }
 
     /// The next reply, whichever request it answers.
@@ -263,6 +276,61 @@ impl Sender {
     /// workers do with bad input), with `correlation_id` to match its reply.
     pub async fn send_raw(&self, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
         self.publish(&self.requests_queue, body, correlation_id).await
+    }
+
+    /// Ask every worker to stop the request `request_id` (any producer's): a cancel message on
+    /// `<prefix>.cancel`, the prefix of this producer's request queue. Returns whether at least
+    /// one worker was listening (the message reached a queue); `false` means no worker heard it.
+    /// A worker holding the request stops it and answers it `cancelled`; the others remember the
+    /// id for `cancel.remember_secs` and stop the request if it reaches them (docs/contract.md,
+    /// "Cancelling a request"). An id that is not a valid request id is an error here.
+    pub async fn cancel(&self, request_id: &str, reason: Option<&str>) -> anyhow::Result<bool> {
+        let exchange = self.cancel_exchange.as_deref().with_context(|| {
+            format!(
+                "{:?} is not a kiln request queue name (<prefix>.requests[.<tier>]): use cancel_on",
+                self.requests_queue
+            )
+        })?;
+        self.cancel_on(exchange, request_id, reason).await
+    }
+
+    /// [`Sender::cancel`] on the cancel exchange `exchange`.
+    pub async fn cancel_on(&self, exchange: &str, request_id: &str, reason: Option<&str>) -> anyhow::Result<bool> {
+        let body = serde_json::to_vec(&CancelDocument::new(request_id, reason))?;
+        // What a worker would drop is refused here, where someone can see why.
+        Cancel::parse(&body).map_err(|e| anyhow::anyhow!("not a valid cancel: {}", e.message))?;
+        // A publish to a missing exchange would close this channel: declare it (idempotent).
+        Topology::declare_cancel_exchange(&self.channel, exchange).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        // Transient: the workers' queues are not durable either; a cancel only matters to
+        // workers running now.
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(1)
+            .with_type(CANCEL_TYPE.into())
+            .with_timestamp(now);
+        let confirmation = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(true),
+            // Returned: no queue is bound, so no worker is listening.
+            Confirmation::Ack(Some(_)) => Ok(false),
+            Confirmation::Nack(_) => bail!("the broker refused the cancel"),
+        }
     }
 
     /// The channel it publishes on (to declare a topology on, say).

@@ -90,6 +90,14 @@ and stops at the first error reply, with the steps done before it:
 --timeout bounds each step's wait. A step that gets no reply or is not enqueued ends the chain with
 that exit status (3 or 4) and nothing on stdout; the PNGs of the steps before it stay.
 
+Cancel a request by its request_id (any producer's): one message on the fanout exchange
+`kiln.cancel`, which every worker binds; a worker holding the request stops it and answers it with
+the error `cancelled`, and one still queued is answered `cancelled` when it arrives
+(docs/contract.md, "Cancelling a request"). It prints `{"status": "cancel_sent", "request_id": ...}`,
+or exits 4 when no worker is listening:
+
+    .venv/bin/python examples/python/producer.py --cancel 3f1c2a9e-6d7b-4d8e-9a51-2f0c7b1e5d44 --reason "user left"
+
 Exit status: 0 ok; 2 the worker answered with an error (argparse also exits 2 on a usage error,
 printing nothing on stdout); 3 no final reply within --timeout; 4 the broker did not take the request
 (no such queue, or it nacked it); 1 anything else (cannot connect, cannot read the image, a reply
@@ -204,10 +212,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="set the request's deadline to now + N seconds")
     parser.add_argument("--user", default="example-user", help="user_id (default: %(default)s)")
     parser.add_argument("--request-id", help="request_id (default: a new UUID; an edit chain adds -1, -2, ...)")
+    parser.add_argument("--cancel", metavar="REQUEST_ID",
+                        help="send no request: cancel the request with this request_id, then exit")
+    parser.add_argument("--reason", help="with --cancel: why, for the workers' logs")
+    parser.add_argument("--cancel-exchange", default="kiln.cancel",
+                        help="the cancel exchange (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for the final reply, deferrals included; per step of an edit "
                         "chain (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.cancel is not None:
+        return args
     if args.edit_chain:
         if args.image is None:
             parser.error("an edit chain needs IMAGE to start from")
@@ -289,6 +304,30 @@ def publish(channel, queue: str, body: bytes, reply_to: str, correlation_id: str
                       EXIT_NOT_ENQUEUED) from None
     except NackError:
         raise Failure(f"the broker refused the request (nack) on queue {queue!r}", EXIT_NOT_ENQUEUED) from None
+
+
+def cancel(channel, exchange: str, request_id: str, reason: str | None = None) -> None:
+    """Ask every worker to stop `request_id`: a cancel document on the fanout `exchange`, transient,
+    mandatory, confirmed (the channel must be in confirm mode). Raises Failure when no worker's queue
+    is bound, i.e. nobody heard it."""
+    document = {"version": CONTRACT_VERSION, "request_id": request_id}
+    if reason is not None:
+        document["reason"] = reason
+    properties = pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=pika.DeliveryMode.Transient,
+        type="kiln.cancel.v1",
+        timestamp=int(time.time()),
+    )
+    # Declaring it (as workers do) keeps a publish to a missing exchange from closing the channel.
+    channel.exchange_declare(exchange=exchange, exchange_type="fanout", durable=True)
+    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    try:
+        channel.basic_publish(exchange=exchange, routing_key="", body=body, properties=properties, mandatory=True)
+    except UnroutableError:
+        raise Failure(f"no worker listens on {exchange!r}: nothing was cancelled", EXIT_NOT_ENQUEUED) from None
+    except NackError:
+        raise Failure(f"the broker refused the cancel (nack) on {exchange!r}", EXIT_NOT_ENQUEUED) from None
 
 
 FINAL_STATUSES = ("ok", "error")
@@ -420,6 +459,14 @@ def step_path(out: Path, step: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cancel is not None:
+        session = Session(args.url)
+        try:
+            cancel(session.channel, args.cancel_exchange, args.cancel, args.reason)
+        finally:
+            session.close()
+        print(json.dumps({"status": "cancel_sent", "request_id": args.cancel}), flush=True)
+        return EXIT_OK
     if args.edit_chain:
         return run_edit_chain(args)
     image = encoded_file(args.image) if args.image is not None else None

@@ -11,6 +11,7 @@
 //!  worker ──► <prefix>.deferred.<ms> (message TTL) ──expired──► <prefix>.requeue (headers)
 //!                 ──kiln-queue header──► the request queue the request came from
 //!                 ──no such queue (alternate exchange <prefix>.requeue.fallback)──► <prefix>.requests
+//!  producer ──► <prefix>.cancel (fanout) ──► one exclusive, server-named queue per worker connection
 //! ```
 //!
 //! Deferred requests wait in one of the delay queues, each with a fixed TTL (1 s, 2 s, 4 s, … 4096 s),
@@ -18,6 +19,9 @@
 //! its delay, and a longer wait (a daily quota) takes several trips. On expiry the broker
 //! dead-letters the copy to a headers exchange that routes it back by its `kiln-queue` header, so a
 //! paid request deferred from its tier's queue goes back to that queue, not behind the free backlog.
+//!
+//! Cancels go to every worker: each connection binds a queue of its own to the fanout exchange
+//! `<prefix>.cancel` ([`crate::amqp::cancel`]); the queue lives and dies with the connection.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -56,10 +60,17 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     /// Durable queue holding dead letters.
     pub dead_letter_queue: String,
+    /// Fanout exchange producers publish cancels to; every worker binds a queue of its own.
+    pub cancel_exchange: String,
     /// Deliveries before the broker dead-letters a request.
     pub delivery_limit: u32,
     /// Delay queues, by their TTL in milliseconds (ascending).
     pub delay_queues: Vec<(u64, String)>,
+}
+
+/// The fanout exchange cancels go to, for a topology prefix: `<prefix>.cancel`.
+pub fn cancel_exchange(prefix: &str) -> String {
+    format!("{prefix}.cancel")
 }
 
 /// TTLs of the delay queues: 1 s doubling up to 4096 s (68 min).
@@ -101,12 +112,40 @@ impl Topology {
             results: format!("{p}.results"),
             dead_letter_exchange: format!("{p}.dlx"),
             dead_letter_queue: format!("{p}.dead-letter"),
+            cancel_exchange: cancel_exchange(p),
             delivery_limit: settings.delivery_limit,
             delay_queues: DELAY_BUCKETS_MS
                 .iter()
                 .map(|ms| (*ms, format!("{p}.deferred.{ms}")))
                 .collect(),
         }
+    }
+
+    /// The topology prefix of a request queue's name (`<prefix>.requests` or
+    /// `<prefix>.requests.<tier>`), or `None` for a name of another shape.
+    pub fn prefix_of_request_queue(queue: &str) -> Option<&str> {
+        if let Some(prefix) = queue.strip_suffix(".requests") {
+            return Some(prefix).filter(|p| !p.is_empty());
+        }
+        let (prefix, tier) = queue.rsplit_once(".requests.")?;
+        Some(prefix).filter(|p| !p.is_empty() && !tier.is_empty() && !tier.contains('.'))
+    }
+
+    /// Declare the cancel exchange `name` (durable fanout), as workers do. Idempotent: producers
+    /// may call it before publishing, so a publish never meets a missing exchange (which would
+    /// close their channel).
+    pub async fn declare_cancel_exchange(channel: &Channel, name: &str) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
     }
 
     /// The delay queue for a wait of `delay_ms`: the shortest that covers it (or the longest), and
@@ -245,6 +284,7 @@ impl Topology {
             );
             channel.queue_declare(name.as_str().into(), durable_queue, args).await?;
         }
+        Self::declare_cancel_exchange(channel, &self.cancel_exchange).await?;
         Ok(())
     }
 }
@@ -267,6 +307,7 @@ impl Topology {
             &self.dead_letter_exchange,
             &self.requeue_exchange,
             &self.requeue_fallback,
+            &self.cancel_exchange,
         ] {
             let _ = channel
                 .exchange_delete(exchange.as_str().into(), Default::default())
@@ -286,6 +327,23 @@ mod tests {
         assert_eq!(t.delay_queue_for(1_500), ("kiln.deferred.2000", 2_000));
         assert_eq!(t.delay_queue_for(2_000), ("kiln.deferred.2000", 2_000));
         assert_eq!(t.delay_queue_for(86_400_000), ("kiln.deferred.4096000", 4_096_000));
+    }
+
+    #[test]
+    fn the_prefix_comes_back_from_a_request_queue_name() {
+        let t = Topology::with_tiers(&TopologySettings::default(), ["pro"]);
+        assert_eq!(t.cancel_exchange, "kiln.cancel");
+        for queue in &t.request_queues {
+            assert_eq!(Topology::prefix_of_request_queue(&queue.name), Some("kiln"));
+        }
+        assert_eq!(
+            Topology::prefix_of_request_queue("kiln-test-1.requests.free"),
+            Some("kiln-test-1")
+        );
+        assert_eq!(Topology::prefix_of_request_queue("a.b.requests"), Some("a.b"));
+        for other in ["requests", ".requests", "kiln.jobs", "kiln.requests.", "kiln.requestsx"] {
+            assert_eq!(Topology::prefix_of_request_queue(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Command-line interface: `kiln worker`, `kiln submit`, `kiln models`, `kiln limits`, `kiln bench`.
+//! Command-line interface: `kiln worker`, `kiln submit`, `kiln cancel`, `kiln models`, `kiln limits`,
+//! `kiln bench`.
 //!
 //! The library holds the worker and the producer client ([`kiln::submit`]); this module only turns
 //! command lines into calls of them. `kiln bench` lives here too ([`bench`]): a load generator is
 //! a client of the worker, not part of it.
 
 mod bench;
+mod cancel;
 mod submit;
 
 use std::path::PathBuf;
@@ -36,6 +38,9 @@ pub enum Command {
     /// Send one request (a photo to stylize, a prompt, or both) and write the PNG the workers send
     /// back.
     Submit(Box<submit::SubmitArgs>),
+    /// Ask every worker to stop a request by its request id: one it holds stops at its next step
+    /// and is answered `cancelled`; one still queued is stopped when it arrives.
+    Cancel(cancel::CancelArgs),
     /// List the models this configuration serves.
     Models,
     /// Load-test a worker started in this process: simulated users per tier, open-loop arrivals
@@ -76,6 +81,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             app.run_until_stopped(kiln::shutdown::shutdown_signal()).await
         }
         Command::Submit(args) => submit::run(*args, &settings).await,
+        Command::Cancel(args) => cancel::run(args, &settings).await,
         Command::Bench(args) => bench::run(args, settings).await.map(drop),
         Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {

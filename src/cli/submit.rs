@@ -74,6 +74,9 @@ pub struct SubmitArgs {
     /// User id to send.
     #[arg(long, default_value = "cli-user")]
     pub user: String,
+    /// The request id to send (default: a new UUID); `kiln cancel <id>` stops the request.
+    #[arg(long)]
+    pub request_id: Option<String>,
     /// Send to this tier's request queue (`<prefix>.requests.<tier>`) instead of the shared one.
     #[arg(long)]
     pub tier: Option<String>,
@@ -125,6 +128,9 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
     let image = photo.as_deref().map(read).transpose()?;
     let mut request = new_request(&args.user, &model, params, image.as_deref());
     request.progress = args.progress;
+    if let Some(id) = &args.request_id {
+        request.request_id = id.clone();
+    }
     request.deadline = args
         .deadline_secs
         .map(|s| rfc3339(time::OffsetDateTime::now_utc() + Duration::from_secs(s)));
@@ -134,9 +140,19 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         None => topology.requests,
     };
     let mut producer = Producer::connect(&settings.amqp.url, &queue).await?;
-    let reply = producer
-        .request_with(&request, Duration::from_secs(args.timeout_secs), print_notice)
-        .await;
+    let reply = async {
+        producer.send(&request).await?;
+        // The id to give `kiln cancel` while the reply is awaited.
+        eprintln!("request {} sent to {queue}", request.request_id);
+        producer
+            .reply_to_with(
+                &request.request_id,
+                Duration::from_secs(args.timeout_secs),
+                print_notice,
+            )
+            .await
+    }
+    .await;
     producer.close().await;
     let reply = reply?;
     let doc = &reply.document;

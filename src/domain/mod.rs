@@ -1,5 +1,6 @@
-//! The contract with producers: requests, replies, ids and error codes. No I/O here.
+//! The contract with producers: requests, cancels, replies, ids and error codes. No I/O here.
 
+pub mod cancel;
 pub mod error;
 pub mod generation;
 pub mod ids;
@@ -7,6 +8,7 @@ pub mod limits;
 pub mod reply;
 pub mod request;
 
+pub use cancel::{Cancel, CancelDocument};
 pub use error::{ErrorCode, RequestError};
 pub use generation::{GenerationInfo, GenerationParams, Task, Truncation};
 pub use ids::{RequestId, UserId};

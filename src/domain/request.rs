@@ -259,39 +259,7 @@ impl GenerationRequest {
     }
 
     fn parse_document(body: &[u8]) -> Result<Self, RequestError> {
-        // Look at the version first: a v2 document must be told "unsupported version", not
-        // "unknown field".
-        #[derive(Deserialize)]
-        struct VersionProbe {
-            version: Option<serde_json::Value>,
-        }
-        let probe: VersionProbe = serde_json::from_slice(body).map_err(|e| {
-            RequestError::new(
-                ErrorCode::MalformedRequest,
-                format!("the body is not a JSON object: {e}"),
-            )
-        })?;
-        match probe.version {
-            None => {
-                return Err(RequestError::new(
-                    ErrorCode::MalformedRequest,
-                    "missing field `version`",
-                ))
-            }
-            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(CONTRACT_VERSION)) => {}
-            Some(serde_json::Value::Number(n)) => {
-                return Err(RequestError::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!("version {n} is not supported; this worker speaks version {CONTRACT_VERSION}"),
-                ))
-            }
-            Some(other) => {
-                return Err(RequestError::new(
-                    ErrorCode::MalformedRequest,
-                    format!("`version` must be an integer, got {other}"),
-                ))
-            }
-        }
+        check_version(body)?;
         check_prompt_types(body)?;
         let doc: RequestDocument =
             serde_json::from_slice(body).map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
@@ -352,6 +320,37 @@ impl PartialRequest {
                 .and_then(|s| RequestId::parse(s).ok()),
             model: map.get("model").and_then(|v| v.as_str()).map(str::to_owned),
         }
+    }
+}
+
+/// Look at a contract document's `version` before anything else: a v2 document must be told
+/// "unsupported version", not "unknown field". Shared by every document producers send (requests,
+/// cancels).
+pub(super) fn check_version(body: &[u8]) -> Result<(), RequestError> {
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        version: Option<serde_json::Value>,
+    }
+    let probe: VersionProbe = serde_json::from_slice(body).map_err(|e| {
+        RequestError::new(
+            ErrorCode::MalformedRequest,
+            format!("the body is not a JSON object: {e}"),
+        )
+    })?;
+    match probe.version {
+        None => Err(RequestError::new(
+            ErrorCode::MalformedRequest,
+            "missing field `version`",
+        )),
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(CONTRACT_VERSION)) => Ok(()),
+        Some(serde_json::Value::Number(n)) => Err(RequestError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("version {n} is not supported; this worker speaks version {CONTRACT_VERSION}"),
+        )),
+        Some(other) => Err(RequestError::new(
+            ErrorCode::MalformedRequest,
+            format!("`version` must be an integer, got {other}"),
+        )),
     }
 }
 

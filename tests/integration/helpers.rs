@@ -115,6 +115,8 @@ pub struct TestApp {
     pub topology: Topology,
     /// Where it serves `/metrics`, `/healthz`, `/readyz`.
     pub http_addr: SocketAddr,
+    /// The cancels it heard and the requests it holds (its `Services::cancellations`).
+    pub cancellations: kiln::cancel::Cancellations,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _metrics: MetricsShare,
@@ -164,6 +166,7 @@ impl TestApp {
             .unwrap()
             .expect("the worker builds");
         let http_addr = app.http_addr();
+        let cancellations = app.services().cancellations;
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = rx.await;
@@ -172,6 +175,7 @@ impl TestApp {
             settings,
             topology,
             http_addr,
+            cancellations,
             shutdown: Some(tx),
             task: Some(task),
             _metrics: metrics,
