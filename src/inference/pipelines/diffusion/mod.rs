@@ -99,6 +99,7 @@ impl Pipeline for DiffusionSpec {
         };
         let (width, height) = (plan.width, plan.height);
         let group = plan.batch_group();
+        let steps = plan.steps_run();
         Ok(Prepared {
             input: ModelInput::new(
                 (width, height),
@@ -110,7 +111,8 @@ impl Pipeline for DiffusionSpec {
                     image,
                 },
             )
-            .with_group(group),
+            .with_group(group)
+            .with_steps(steps),
             finish: Finish {
                 tensor_width: width,
                 tensor_height: height,
