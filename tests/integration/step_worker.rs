@@ -96,3 +96,48 @@ async fn a_request_whose_producer_leaves_mid_run_stops_between_steps_and_is_dead
     assert!(noticed < Duration::from_secs(10), "{noticed:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancel_from_the_producer_stops_a_running_request_with_a_final_cancelled_reply() {
+    let app = spawn_app_with(|s| s.limits.progress_interval_ms = 0).await;
+    let mut producer = app.producer().await;
+    let mut doc = long_request(50, 512);
+    doc.progress = true;
+    producer.send(&doc).await.unwrap();
+    let first = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(first.document.status, ReplyStatus::Progress, "it is running");
+    let stepped_before = metric("kiln_denoising_steps_total{model=\"sd-tiny-random\"}");
+    producer
+        .cancel(&doc.request_id, Some("the user closed the tab"))
+        .await
+        .unwrap();
+    let mut last_step = first.document.progress.as_ref().unwrap().step;
+    let reply = producer
+        .reply_to_with(&doc.request_id, REPLY_TIMEOUT, |n| {
+            if let Some(p) = &n.progress {
+                last_step = p.step;
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.document.status, ReplyStatus::Error);
+    let error = reply.document.error.as_ref().unwrap();
+    assert_eq!(error.code, kiln::domain::ErrorCode::Cancelled, "{}", error.message);
+    crate::contract::assert_valid_reply(&reply.document);
+    assert!(last_step < 49, "it ran to step {last_step} of 50 after the cancel");
+    let stepped = metric("kiln_denoising_steps_total{model=\"sd-tiny-random\"}") - stepped_before;
+    assert!(stepped < 49.0, "{stepped} more steps after the cancel");
+    assert_eq!(metric("kiln_step_stops_total{reason=\"cancelled\"}"), 1.0);
+
+    // A cancel that arrives before its request: the request is answered `cancelled` unserved.
+    let early = long_request(10, 64);
+    producer.cancel(&early.request_id, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = producer.request(&early, REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(
+        reply.document.error.as_ref().map(|e| e.code),
+        Some(kiln::domain::ErrorCode::Cancelled)
+    );
+    producer.close().await;
+    app.stop().await;
+}
