@@ -1,5 +1,5 @@
 //! Command-line interface: `kiln worker`, `kiln submit`, `kiln cancel`, `kiln models`, `kiln limits`,
-//! `kiln bench`.
+//! `kiln bench`, `kiln simulate`.
 //!
 //! The library holds the worker and the producer client ([`kiln::submit`]); this module only turns
 //! command lines into calls of them. `kiln bench` lives here too ([`bench`]): a load generator is
@@ -7,6 +7,7 @@
 
 mod bench;
 mod cancel;
+mod simulate;
 mod submit;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Load-test a worker started in this process: simulated users per tier, open-loop arrivals
     /// through the real broker and Redis; prints images/s, waits and outcomes per tier.
     Bench(bench::BenchArgs),
+    /// Simulate step-level against whole-request batching of a diffusion model on a device's
+    /// step-time curve (discrete events, no device needed); prints goodput and latency per policy.
+    Simulate(simulate::SimulateArgs),
     /// Inspect and change a user's rate-limit state in Redis.
     #[command(subcommand)]
     Limits(LimitsCommand),
@@ -83,6 +87,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Submit(args) => submit::run(*args, &settings).await,
         Command::Cancel(args) => cancel::run(args, &settings).await,
         Command::Bench(args) => bench::run(args, settings).await.map(drop),
+        Command::Simulate(args) => simulate::run(args, &settings),
         Command::Limits(command) => limits(command, &settings).await,
         Command::Models => {
             for m in ModelRegistry::load(&settings.models, &settings.batching)?.iter() {
