@@ -1,22 +1,25 @@
 //! Cancels through the real broker: `Producer::cancel` publishes on `<prefix>.cancel`, every
 //! worker's listener hears it and hands it to the worker's `Cancellations`; a bad message is
-//! dropped without stopping the listener; a session that reconnects listens again. And the
+//! dropped without stopping the listener; a session that reconnects listens again; a request
+//! cancelled before it arrives is answered `cancelled` and costs its user nothing. And the
 //! published contract: the cancel examples parse or are refused as `cancel.v1.schema.json` says,
 //! and what `Producer::cancel` puts on the wire validates.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use kiln::cancel::StopReason;
 use kiln::configuration::Settings;
-use kiln::domain::Cancel;
+use kiln::domain::{Cancel, ErrorCode, ReplyStatus};
+use kiln::rate_limit::{now_ms, RedisLimiter};
 use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::Value;
 
 use crate::helpers::{
-    admin_channel, consume, exclusive_queue, free_port, passive, poll_until, read, repo, spawn_app_alone_with,
+    admin_channel, consume, exclusive_queue, free_port, passive, poll_until, read, repo, request, spawn_app_alone_with,
     spawn_app_with, venv_python, TcpProxy, TestApp, REPLY_TIMEOUT,
 };
 
@@ -318,5 +321,40 @@ async fn the_python_producer_cancels_too() {
     let line: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(line, serde_json::json!({"status": "cancel_sent", "request_id": id}));
     heard(&app, &id).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_cancelled_before_it_arrives_is_answered_cancelled_and_not_charged() {
+    let app = spawn_app_with(|s| {
+        light(s);
+        s.rate_limit.enabled = true;
+    })
+    .await;
+    let mut producer = app.producer().await;
+    let photo = read("tests/data/astronaut-256.png");
+    let served = producer.request(&request(&photo, None), REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(served.document.status, ReplyStatus::Ok);
+    let limiter = RedisLimiter::new(Arc::new(app.settings.rate_limit.clone())).unwrap();
+    let charged = limiter.show("test-user", now_ms()).await.unwrap();
+    assert_eq!((charged.quota_used, charged.in_flight), (1, 0));
+
+    // Cancelled first, sent after: answered on arrival, before admission.
+    let late = request(&photo, None);
+    assert!(producer
+        .cancel(&late.request_id, Some("changed my mind"))
+        .await
+        .unwrap());
+    heard(&app, &late.request_id).await;
+    let reply = producer.request(&late, REPLY_TIMEOUT).await.unwrap();
+    crate::contract::assert_valid_reply(&reply.document);
+    assert_eq!(reply.document.status, ReplyStatus::Error);
+    assert_eq!(reply.document.error.as_ref().unwrap().code, ErrorCode::Cancelled);
+    assert_eq!(reply.document.request_id.as_deref(), Some(late.request_id.as_str()));
+    let after = limiter.show("test-user", now_ms()).await.unwrap();
+    assert_eq!((after.quota_used, after.in_flight), (1, 0), "nothing charged for it");
+
+    producer.close().await;
+    crate::rate_limits::forget(&app.settings.rate_limit.key_prefix).await;
     app.stop().await;
 }
