@@ -525,3 +525,84 @@ fn stop_label(reason: StopReason) -> &'static str {
         StopReason::Abandoned => "abandoned",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_is_the_first_that_covers_the_size_and_one_above_all() {
+        let options = StepOptions {
+            enabled: true,
+            caps: vec![
+                StepCap {
+                    max_pixels: 512 * 512,
+                    max_requests: 16,
+                },
+                StepCap {
+                    max_pixels: 768 * 768,
+                    max_requests: 4,
+                },
+            ],
+            max_pauses: 1,
+            max_paused_bytes: 0,
+        };
+        assert_eq!(options.cap(256 * 256), 16);
+        assert_eq!(options.cap(512 * 512), 16);
+        assert_eq!(options.cap(512 * 768), 4);
+        assert_eq!(options.cap(1024 * 1024), 1, "larger images run alone");
+    }
+
+    #[test]
+    fn a_request_is_answered_early_only_once_its_steps_cannot_fit_before_its_deadline() {
+        let key = BatchKey {
+            model: "m".into(),
+            shape: (64, 64),
+            group: 0,
+        };
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let now = Instant::now();
+        let job = Job {
+            model: "m".into(),
+            input: ModelInput::new((64, 64), ()),
+            options: super::super::JobOptions {
+                deadline: Some(now + Duration::from_secs(1)),
+                ..Default::default()
+            },
+            arrived: now,
+            span: tracing::Span::none(),
+            reply,
+        };
+        let mut times = StepTimes::default();
+        assert!(verdict(&job, &key, 50, &times, now).is_none(), "no step measured yet");
+        times.observe(&key, 0.1);
+        assert!(verdict(&job, &key, 9, &times, now).is_none(), "0.9 s fits");
+        match verdict(&job, &key, 20, &times, now) {
+            Some(InferenceError::WontFinish {
+                steps_left, short_by, ..
+            }) => {
+                assert_eq!(steps_left, 20);
+                assert!((short_by - 1.0).abs() < 1e-6, "{short_by}");
+            }
+            other => panic!("{other:?}"),
+        }
+        job.options.stop.stop(StopReason::Cancelled);
+        assert!(matches!(
+            verdict(&job, &key, 1, &times, now),
+            Some(InferenceError::Stopped(StopReason::Cancelled))
+        ));
+        let later = now + Duration::from_secs(2);
+        let fresh = Job {
+            options: super::super::JobOptions {
+                deadline: Some(now),
+                ..Default::default()
+            },
+            reply: tokio::sync::oneshot::channel().0,
+            ..job
+        };
+        assert!(matches!(
+            verdict(&fresh, &key, 1, &times, later),
+            Some(InferenceError::Expired(_))
+        ));
+    }
+}
