@@ -156,6 +156,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     for held in ["true", "false"] {
         metrics.cancel_messages.with_label_values(&[held]);
     }
+    for reason in ["cancelled", "abandoned"] {
+        metrics.step_stops.with_label_values(&[reason]);
+    }
     metrics
 });
 static IMAGES: AtomicU64 = AtomicU64::new(0);
@@ -264,6 +267,8 @@ pub fn set_step_rows(
     }
     for model in seen.iter() {
         let model = model.as_str();
+        // At 0 from the model's first step on, so `increase()` sees its first preemption.
+        metrics.preemptions.with_label_values(&[model]);
         metrics
             .step_rows
             .with_label_values(&[model, "running"])

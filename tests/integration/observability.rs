@@ -889,7 +889,7 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     late.deadline = Some("2020-01-01T00:00:00Z".into());
     let reply = producer.request(&late, REPLY_TIMEOUT).await.unwrap();
     assert_eq!(reply.document.error.unwrap().code, ErrorCode::Expired);
-    // A reply to a queue that does not exist: the request is dead-lettered.
+    // A reply queue that does not exist: the request is dead-lettered on arrival, unserved.
     admin_channel()
         .await
         .basic_publish(
@@ -901,10 +901,24 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
         )
         .await
         .unwrap();
+    // No reply_to, and nothing bound for its id on the results exchange: its (expired) reply is
+    // unroutable, so the request is dead-lettered after it.
+    admin_channel()
+        .await
+        .basic_publish(
+            "".into(),
+            app.topology.requests.as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&late).unwrap(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
 
-    let s = scrape_until(app.http_addr, "every declared metric", |s| {
+    let s = scrape_until(app.http_addr, "every declared metric, both dead letters settled", |s| {
         let names = s.names();
         kiln::metrics::METRIC_NAMES.iter().all(|n| names.contains(*n))
+            && s.sum("kiln_requests_total", &[("outcome", "dead_lettered")]) >= 2.0
     })
     .await;
     assert_eq!(s.sum("kiln_rate_limit_fallback_active", &[]), 1.0);
@@ -926,7 +940,8 @@ async fn every_metric_is_exported_and_the_dashboard_and_alerts_name_only_exporte
     );
     assert_eq!(s.sum("kiln_requests_expired_total", &[("stage", "admission")]), 2.0);
     assert_eq!(s.sum("kiln_dead_letters_total", &[("reason", "unroutable")]), 1.0);
-    assert_eq!(s.sum("kiln_requests_total", &[("outcome", "dead_lettered")]), 1.0);
+    assert_eq!(s.sum("kiln_dead_letters_total", &[("reason", "reply_queue_gone")]), 1.0);
+    assert_eq!(s.sum("kiln_requests_total", &[("outcome", "dead_lettered")]), 2.0);
     assert_eq!(
         s.sum("kiln_requests_total", &[("tier", "free"), ("outcome", "ok")]),
         2.0
