@@ -5,7 +5,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use kiln::domain::{ReplyDocument, RequestDocument};
+use super::users::Request;
+use kiln::domain::ReplyDocument;
 use kiln::submit::{Replies, Sender};
 
 /// A request as sent.
@@ -13,6 +14,8 @@ use kiln::submit::{Replies, Sender};
 pub struct Sent {
     /// Its tier.
     pub tier: String,
+    /// Its denoising steps (diffusion).
+    pub steps: Option<u32>,
     /// When it was published (just before).
     pub at: Instant,
 }
@@ -54,21 +57,18 @@ impl Book {
 
     /// Enter `request` under `tier`, then publish it to `queue`. The future owns what it needs, so
     /// it can be spawned.
-    pub fn send(
-        &self,
-        queue: String,
-        tier: String,
-        request: RequestDocument,
-    ) -> impl Future<Output = anyhow::Result<()>> {
+    pub fn send(&self, queue: String, tier: String, request: Request) -> impl Future<Output = anyhow::Result<()>> {
         let book = self.clone();
         async move {
+            let Request { document, steps } = request;
             let sent = Sent {
                 tier,
+                steps,
                 at: Instant::now(),
             };
             book.lock()
-                .insert(request.request_id.clone(), (sent, Outcome::default()));
-            book.sender.send_to(&queue, &request).await
+                .insert(document.request_id.clone(), (sent, Outcome::default()));
+            book.sender.send_to(&queue, &document).await
         }
     }
 

@@ -10,6 +10,12 @@ pub struct EngineCounters {
     pub batches: f64,
     /// `kiln_inference_images_total`: images rendered.
     pub images: f64,
+    /// `kiln_denoising_steps_total`: diffusion image-steps (one per request per denoising step).
+    pub image_steps: f64,
+    /// `kiln_denoising_step_seconds_count`: denoising network calls.
+    pub denoising_calls: f64,
+    /// `kiln_denoising_step_seconds_sum`: time in those calls.
+    pub denoising_seconds: f64,
 }
 
 impl EngineCounters {
@@ -24,6 +30,9 @@ impl EngineCounters {
             busy_seconds: sum(text, "kiln_inference_busy_seconds_total"),
             batches: sum(text, "kiln_inference_batch_size_count"),
             images: sum(text, "kiln_inference_images_total"),
+            image_steps: sum(text, "kiln_denoising_steps_total"),
+            denoising_calls: sum(text, "kiln_denoising_step_seconds_count"),
+            denoising_seconds: sum(text, "kiln_denoising_step_seconds_sum"),
         }
     }
 
@@ -33,6 +42,9 @@ impl EngineCounters {
             busy_seconds: self.busy_seconds - before.busy_seconds,
             batches: self.batches - before.batches,
             images: self.images - before.images,
+            image_steps: self.image_steps - before.image_steps,
+            denoising_calls: self.denoising_calls - before.denoising_calls,
+            denoising_seconds: self.denoising_seconds - before.denoising_seconds,
         }
     }
 }
@@ -67,6 +79,9 @@ kiln_inference_batch_size_bucket{model=\"a\",le=\"1\"} 9
 kiln_inference_batch_size_count{model=\"a\"} 2
 kiln_inference_batch_size_count{model=\"b\"} 1
 kiln_inference_busy_seconds_total 0.25
+kiln_denoising_steps_total{model=\"a\"} 40
+kiln_denoising_step_seconds_sum{model=\"a\"} 1.5
+kiln_denoising_step_seconds_count{model=\"a\"} 30
 ";
         let counters = EngineCounters::parse(text);
         assert_eq!(
@@ -74,7 +89,10 @@ kiln_inference_busy_seconds_total 0.25
             EngineCounters {
                 busy_seconds: 0.25,
                 batches: 3.0,
-                images: 7.0
+                images: 7.0,
+                image_steps: 40.0,
+                denoising_calls: 30.0,
+                denoising_seconds: 1.5,
             }
         );
         assert_eq!(counters.since(counters), EngineCounters::default());

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::book::{Entries, Outcome, Sent};
 use super::counters::EngineCounters;
+use super::goodput::DiffusionReport;
 use kiln::domain::ReplyStatus;
 
 /// One tier's figures.
@@ -62,6 +63,10 @@ pub struct BenchReport {
     pub busy_ms_per_image: f64,
     /// By tier.
     pub tiers: BTreeMap<String, TierReport>,
+    /// The diffusion workload's figures: unloaded reference, SLOs, goodput, latency by tier and by
+    /// step count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diffusion: Option<DiffusionReport>,
 }
 
 /// The open-loop sending window.
@@ -86,12 +91,12 @@ struct Samples {
 }
 
 /// Sum up the book of a run that offered `offered` requests/s during `window`.
-pub fn summarize(book: Entries, capacity: Option<f64>, offered: f64, window: &Window) -> BenchReport {
+pub fn summarize(book: &Entries, capacity: Option<f64>, offered: f64, window: &Window) -> BenchReport {
     let window_end = window.started + window.sending;
     let mut tally: BTreeMap<String, (TierReport, Samples)> = BTreeMap::new();
-    for (sent, outcome) in book.into_values() {
+    for (sent, outcome) in book.values() {
         let (t, samples) = tally.entry(sent.tier.clone()).or_default();
-        count(t, samples, &sent, outcome, window_end);
+        count(t, samples, sent, outcome, window_end);
     }
     let seconds = window.sending.as_secs_f64();
     let tiers: BTreeMap<String, TierReport> = tally
@@ -111,6 +116,7 @@ pub fn summarize(book: Entries, capacity: Option<f64>, offered: f64, window: &Wi
         busy_seconds,
         batches,
         images,
+        ..
     } = window.engine;
     BenchReport {
         capacity_per_sec: capacity,
@@ -124,16 +130,17 @@ pub fn summarize(book: Entries, capacity: Option<f64>, offered: f64, window: &Wi
             0.0
         },
         tiers,
+        diffusion: None,
     }
 }
 
 /// Count one request's outcome in its tier.
-fn count(t: &mut TierReport, samples: &mut Samples, sent: &Sent, outcome: Outcome, window_end: Instant) {
+fn count(t: &mut TierReport, samples: &mut Samples, sent: &Sent, outcome: &Outcome, window_end: Instant) {
     t.sent += 1;
     if outcome.notices > 0 {
         t.deferred += 1;
     }
-    let Some((doc, at)) = outcome.last else {
+    let Some((doc, at)) = &outcome.last else {
         if outcome.notices == 0 {
             t.unanswered += 1;
         }
@@ -145,13 +152,13 @@ fn count(t: &mut TierReport, samples: &mut Samples, sent: &Sent, outcome: Outcom
             if doc.degraded.is_some() {
                 t.degraded += 1;
             }
-            if at <= window_end {
+            if *at <= window_end {
                 t.images_in_window += 1;
             }
             let timings = &doc.timings_ms;
             let (queue, batch) = (timings.queue_wait.unwrap_or(0.0), timings.batch_wait.unwrap_or(0.0));
             samples.wait.push(queue + batch);
-            samples.total.push((at - sent.at).as_secs_f64() * 1000.0);
+            samples.total.push((*at - sent.at).as_secs_f64() * 1000.0);
             samples.queue.push(queue);
             samples.batch.push(batch);
             samples.preprocess.push(timings.preprocess);
@@ -200,7 +207,7 @@ pub fn print(r: &BenchReport) {
 }
 
 /// p50, p95, p99 by nearest rank (zeros for no values).
-fn percentiles(values: &mut [f64]) -> [f64; 3] {
+pub(super) fn percentiles(values: &mut [f64]) -> [f64; 3] {
     if values.is_empty() {
         return [0.0; 3];
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use kiln::domain::{RequestDocument, WireParams, WireStyle};
+use super::workload::Workload;
+use kiln::domain::RequestDocument;
 use kiln::rate_limit::{RateLimitSettings, RedisLimiter};
 use kiln::submit::new_request;
 
@@ -15,18 +16,24 @@ pub struct Users {
     /// Tier and its share of requests (the shares sum to 1), in name order.
     tiers: Vec<(String, f64)>,
     per_tier: usize,
-    photo: Vec<u8>,
-    size: u32,
+    workload: Workload,
+}
+
+/// A request to send, and (diffusion) its step count, the class the report groups it in.
+pub struct Request {
+    /// What goes on the wire.
+    pub document: RequestDocument,
+    /// Denoising steps asked for.
+    pub steps: Option<u32>,
 }
 
 impl Users {
-    /// `per_tier` users in each tier of `mix`, each request carrying `photo` to be rendered at `size`.
-    pub fn new(mix: BTreeMap<String, f64>, per_tier: usize, photo: Vec<u8>, size: u32) -> Self {
+    /// `per_tier` users in each tier of `mix`, all sending `workload`.
+    pub fn new(mix: BTreeMap<String, f64>, per_tier: usize, workload: Workload) -> Self {
         Self {
             tiers: mix.into_iter().collect(),
             per_tier,
-            photo,
-            size,
+            workload,
         }
     }
 
@@ -68,19 +75,17 @@ impl Users {
         Ok(())
     }
 
-    /// The `n`-th request, sent by a user of `tier` (users take turns; styles cycle).
-    pub fn request(&self, tier: &str, n: usize) -> RequestDocument {
-        let params = WireParams {
-            style: Some(WireStyle::Index((n % 26) as i64)),
-            size: Some(self.size),
-            ..Default::default()
-        };
-        new_request(
+    /// The `n`-th request, sent by a user of `tier` (users take turns; styles cycle, step counts
+    /// follow the mix), or with `steps` denoising steps.
+    pub fn request(&self, tier: &str, n: usize, steps: Option<u32>) -> Request {
+        let (params, image, steps) = self.workload.params(n, steps);
+        let document = new_request(
             &user_id(tier, n % self.per_tier.max(1)),
-            "multistyle26",
+            self.workload.model(),
             params,
-            Some(&self.photo),
-        )
+            image,
+        );
+        Request { document, steps }
     }
 }
 
@@ -89,7 +94,7 @@ fn user_id(tier: &str, user: usize) -> String {
 }
 
 /// Poisson arrivals at a rate for a window, with a uniform draw for each arrival's tier; the same
-/// arrivals on every run.
+/// arrivals on every run with the same seed.
 pub struct Arrivals {
     rng: SplitMix,
     per_sec: f64,
@@ -98,10 +103,10 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
-    /// Arrivals at `per_sec` (> 0) during `window`.
-    pub fn new(per_sec: f64, window: Duration) -> Self {
+    /// Arrivals at `per_sec` (> 0) during `window`, drawn from `seed`.
+    pub fn new(per_sec: f64, window: Duration, seed: u64) -> Self {
         Self {
-            rng: SplitMix(0x6b69_6c6e),
+            rng: SplitMix(seed),
             per_sec,
             window,
             next_at: Duration::ZERO,
@@ -140,12 +145,23 @@ pub fn parse_mix(spec: &str) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(mix.into_iter().map(|(k, v)| (k, v / total)).collect())
 }
 
+/// The arrivals' seed unless `--seed` says otherwise (the one every run used before it existed).
+pub const DEFAULT_SEED: u64 = 0x6b69_6c6e;
+
 /// A small deterministic generator (SplitMix64).
-struct SplitMix(u64);
+pub(super) struct SplitMix(u64);
+
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl SplitMix {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    /// The `n`-th draw (from 0) of the stream seeded with `seed`, without drawing the others.
+    pub(super) fn at(seed: u64, n: u64) -> f64 {
+        SplitMix(seed.wrapping_add(n.wrapping_mul(GAMMA))).unit()
+    }
+
+    /// The next draw, uniform in [0, 1).
+    pub(super) fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -169,18 +185,26 @@ mod tests {
 
     #[test]
     fn tiers_are_picked_by_share_and_arrivals_repeat() {
-        let users = Users::new(parse_mix("free=3,pro=1").unwrap(), 2, vec![], 64);
+        let workload = Workload::Style {
+            photo: vec![],
+            size: 64,
+        };
+        let users = Users::new(parse_mix("free=3,pro=1").unwrap(), 2, workload);
         assert_eq!(users.tier_at(0.0), "free");
         assert_eq!(users.tier_at(0.74), "free");
         assert_eq!(users.tier_at(0.76), "pro");
         assert_eq!(users.tier_at(1.0), "pro");
-        assert_eq!(users.request("pro", 3).user_id, "bench-pro-1");
+        assert_eq!(users.request("pro", 3, None).document.user_id, "bench-pro-1");
         let window = Duration::from_secs(10);
-        let arrivals: Vec<_> = Arrivals::new(50.0, window).collect();
+        let arrivals: Vec<_> = Arrivals::new(50.0, window, DEFAULT_SEED).collect();
         assert!((400..600).contains(&arrivals.len()), "{} arrivals", arrivals.len());
         assert!(arrivals
             .iter()
             .all(|(at, pick)| *at < window && (0.0..1.0).contains(pick)));
-        assert_eq!(arrivals, Arrivals::new(50.0, window).collect::<Vec<_>>());
+        assert_eq!(arrivals, Arrivals::new(50.0, window, DEFAULT_SEED).collect::<Vec<_>>());
+        assert_ne!(arrivals, Arrivals::new(50.0, window, 1).collect::<Vec<_>>());
+        let mut stream = SplitMix(5);
+        let draws: Vec<f64> = (0..4).map(|_| stream.unit()).collect();
+        assert_eq!(draws, (0..4).map(|n| SplitMix::at(5, n)).collect::<Vec<_>>());
     }
 }
