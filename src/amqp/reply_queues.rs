@@ -55,17 +55,34 @@ impl ReplyQueues {
     /// Whether `queue` is known to be gone (cached; one passive declare when not). `fresh`: do
     /// not trust a cached "exists" (a request back from a delay queue).
     pub async fn gone(&self, queue: &str, fresh: bool) -> bool {
+        self.gone_within(queue, if fresh { Duration::ZERO } else { EXISTS_TTL })
+            .await
+    }
+
+    /// [`ReplyQueues::gone`], trusting a cached "exists" only if it is younger than `max_age`.
+    /// Concurrent asks for one queue share one probe: an answer that arrived while this one waited
+    /// for the probe channel is taken as fresh.
+    pub async fn gone_within(&self, queue: &str, max_age: Duration) -> bool {
         if queue.is_empty() || queue.starts_with(DIRECT_REPLY_TO) {
             return false;
         }
-        let now = Instant::now();
-        if let Some(&(exists, at)) = self.lock_cache().get(queue) {
-            let ttl = if exists { EXISTS_TTL } else { GONE_TTL };
-            if now.duration_since(at) < ttl && !(exists && fresh) {
-                return !exists;
-            }
+        let asked = Instant::now();
+        let cached = |asked: Instant, max_age: Duration| {
+            self.lock_cache().get(queue).and_then(|&(exists, at)| {
+                let ttl = if exists { max_age.min(EXISTS_TTL) } else { GONE_TTL };
+                (at >= asked || asked.duration_since(at) < ttl).then_some(!exists)
+            })
+        };
+        if let Some(gone) = cached(asked, max_age) {
+            return gone;
         }
-        let exists = self.probe(queue).await;
+        let mut probe = self.inner.probe.lock().await;
+        // Another ask probed this queue while we waited: its answer is as fresh as ours would be.
+        if let Some(gone) = cached(asked, max_age) {
+            return gone;
+        }
+        let now = Instant::now();
+        let exists = self.probe(&mut probe, queue).await;
         let mut cache = self.lock_cache();
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -81,9 +98,8 @@ impl ReplyQueues {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A passive declare: `false` only for the broker's 404.
-    async fn probe(&self, queue: &str) -> bool {
-        let mut probe = self.inner.probe.lock().await;
+    /// A passive declare on the probe channel: `false` only for the broker's 404.
+    async fn probe(&self, probe: &mut Option<Channel>, queue: &str) -> bool {
         let channel = match probe.as_ref().filter(|c| c.status().connected()) {
             Some(channel) => channel.clone(),
             None => match self.inner.connection.create_channel().await {

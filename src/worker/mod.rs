@@ -217,6 +217,7 @@ impl Worker {
                     stop: tracked.flag().clone(),
                     progress: notices,
                     progress_interval: std::time::Duration::from_millis(services.limits.progress_interval_ms),
+                    reply_queue_check: std::time::Duration::from_millis(services.limits.reply_queue_check_ms),
                 };
                 let rendering = render(services, request, class, since, &mut timings, watched);
                 (lease, watch::while_rendering(rendering, watch).await)

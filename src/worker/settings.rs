@@ -11,6 +11,11 @@ pub struct RequestLimits {
     /// At most one `progress` notice per request per this many milliseconds (requests that ask for
     /// them, on multi-step models). Default 500.
     pub progress_interval_ms: u64,
+    /// While a request renders, its `reply_to` queue is checked this often (a passive declare,
+    /// shared by the requests of one queue); gone: the request stops before its next step and is
+    /// dead-lettered. An exclusive queue of another connection answers with a channel close
+    /// (405, logged by the AMQP client), hence not much more often. Default 5000.
+    pub reply_queue_check_ms: u64,
 }
 
 impl Default for RequestLimits {
@@ -18,6 +23,7 @@ impl Default for RequestLimits {
         Self {
             max_message_bytes: 32 * 1024 * 1024,
             progress_interval_ms: 500,
+            reply_queue_check_ms: 5000,
         }
     }
 }

@@ -13,11 +13,6 @@ use crate::amqp::{ReplyPublisher, ReplyQueues};
 use crate::cancel::{StopFlag, StopReason};
 use crate::inference::StepProgress;
 
-/// How often the reply queue is looked at while a request renders: a passive declare on the
-/// worker's own channel. Not more often: an exclusive queue of another connection answers 405
-/// (locked, so it exists) by closing the probe channel, which is then opened again.
-const REPLY_QUEUE_CHECK: Duration = Duration::from_secs(2);
-
 /// What to watch and where to send notices.
 pub(super) struct Watch<'a> {
     pub delivery: &'a Delivery,
@@ -30,6 +25,8 @@ pub(super) struct Watch<'a> {
     pub progress: Option<mpsc::UnboundedReceiver<StepProgress>>,
     /// At most one notice per this long.
     pub progress_interval: Duration,
+    /// How often the reply queue is checked (`limits.reply_queue_check_ms`).
+    pub reply_queue_check: Duration,
 }
 
 /// Drive `rendering` to its end while watching (see the module docs).
@@ -42,7 +39,7 @@ pub(super) async fn while_rendering<T>(rendering: impl Future<Output = T>, mut w
         .as_ref()
         .map(|q| q.as_str().to_owned())
         .filter(|q| !q.is_empty());
-    let mut check = tokio::time::interval(REPLY_QUEUE_CHECK);
+    let mut check = tokio::time::interval(watch.reply_queue_check.max(Duration::from_millis(100)));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await; // the first tick is immediate; the queue was just checked on arrival
     let mut last_notice: Option<Instant> = None;
@@ -69,7 +66,7 @@ pub(super) async fn while_rendering<T>(rendering: impl Future<Output = T>, mut w
             }
             _ = check.tick(), if reply_to.is_some() && watch.stop.reason().is_none() => {
                 let queue = reply_to.as_deref().expect("checked in the guard");
-                if watch.reply_queues.gone(queue, true).await {
+                if watch.reply_queues.gone_within(queue, watch.reply_queue_check).await {
                     tracing::warn!(reply_to = queue, "the reply queue went away: stopping the request");
                     watch.stop.stop(StopReason::Abandoned);
                 }

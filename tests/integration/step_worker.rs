@@ -69,7 +69,11 @@ async fn progress_notices_come_in_order_before_the_final_reply_and_are_not_final
 
 #[tokio::test]
 async fn a_request_whose_producer_leaves_mid_run_stops_between_steps_and_is_dead_lettered() {
-    let app = spawn_app_with(|s| s.limits.progress_interval_ms = 0).await;
+    let app = spawn_app_with(|s| {
+        s.limits.progress_interval_ms = 0;
+        s.limits.reply_queue_check_ms = 500;
+    })
+    .await;
     let mut producer = app.producer().await;
     // 50 steps at 512 px: seconds of work on this CPU.
     let mut doc = long_request(50, 512);
