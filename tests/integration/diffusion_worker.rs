@@ -402,6 +402,8 @@ async fn kiln_submit_sends_a_prompt_and_writes_the_picture() {
 #[tokio::test]
 async fn requests_of_one_schedule_share_a_batch_and_each_gets_its_own_picture() {
     let app = spawn_app_with(|s| {
+        // Whole-request batching (step-level batching is tested in `step_batching`).
+        s.batching.diffusion.mode = kiln::inference::settings::StepMode::Request;
         s.batching.max_batch_size = 4;
         // Long enough that the requests published together are all waiting when the batch forms.
         s.batching.max_queue_delay_ms = 1500;

@@ -125,15 +125,18 @@ async fn a_message_that_keeps_crashing_workers_ends_in_the_dead_letter_queue() {
     let topology = settings.topology();
 
     let req = request(&read("tests/data/astronaut-256.png"), None);
+    // The producer stays connected (its reply queue with it): a request whose producer left would
+    // be dead-lettered on arrival without ever reaching the crash.
+    let mut producer = None;
     for attempt in 1..=2 {
         let mut crashing = WorkerProcess::spawn(&settings, &[("KILN_FAULTS__ABORT_BEFORE_REPLY", "true")]);
         crashing.wait_for_log("worker ready", START_TIMEOUT).await;
         if attempt == 1 {
-            let producer = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
+            let connected = kiln::submit::Producer::connect(&settings.amqp.url, &topology.requests)
                 .await
                 .unwrap();
-            producer.send(&req).await.unwrap();
-            producer.close().await;
+            connected.send(&req).await.unwrap();
+            producer = Some(connected);
         }
         assert!(!crashing.wait_exit(REPLY_TIMEOUT).await.success());
         if attempt == 2 {
@@ -149,6 +152,9 @@ async fn a_message_that_keeps_crashing_workers_ends_in_the_dead_letter_queue() {
         ready_messages(&topology.dead_letter_queue).await == 1
     })
     .await;
+    if let Some(producer) = producer {
+        producer.close().await;
+    }
     assert_eq!(ready_messages(&topology.requests).await, 0, "no third delivery");
     let (reason, body) = dead_letter(&topology.dead_letter_queue).await;
     assert_eq!(reason, "delivery_limit");
