@@ -14,13 +14,20 @@
 # compare.
 # Prints each run's tables, then the comparison; JSON: target/bench/step-batching-<mode>.json.
 #   [LOAD=2] [BATCH=2] [DURATION=40] [SEED=15] [CAPACITY_SECS=20] [UNLOADED=5] scripts/bench-step-batching.sh [more kiln bench args]
+# On a machine with a prebuilt kiln and no registry (the GPU kit: scripts/gpu-check.sh steps):
+#   KILN_BIN=/tmp/kiln PYTHON=... MODEL=sd15-random SIZE=512 BATCH=6 scripts/bench-step-batching.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --release --locked --bin kiln
+if [ -z "${KILN_BIN:-}" ]; then
+  scripts/setup.sh
+  cargo build --release --locked --bin kiln
+fi
+kiln=${KILN_BIN:-target/release/kiln}
+python=${PYTHON:-.venv/bin/python}
 out=target/bench
 mkdir -p "$out"
-common=(--workload diffusion --size 256 --steps-mix 4=0.4,20=0.3,50=0.3 --mix free=0.6,plus=0.2,pro=0.2
+common=(--workload diffusion --diffusion-model "${MODEL:-sd-tiny-random}" --size "${SIZE:-256}"
+  --steps-mix 4=0.4,20=0.3,50=0.3 --mix free=0.6,plus=0.2,pro=0.2
   --batch "${BATCH:-2}" --duration-secs "${DURATION:-40}" --seed "${SEED:-15}"
   --unloaded-requests "${UNLOADED:-5}" --slo-factor 3)
 bench() {
@@ -29,17 +36,17 @@ bench() {
   echo "== $mode: kiln bench ${common[*]} $*" >&2
   cut -d' ' -f1-3 /proc/loadavg >"$out/step-batching-$mode.load"
   KILN_BATCHING__DIFFUSION__MODE=$mode RUST_LOG=warn \
-    target/release/kiln bench --json "$out/step-batching-$mode.json" "${common[@]}" "$@"
+    "$kiln" bench --json "$out/step-batching-$mode.json" "${common[@]}" "$@"
   cut -d' ' -f1-3 /proc/loadavg >>"$out/step-batching-$mode.load"
 }
 bench request --load "${LOAD:-2}" --capacity-secs "${CAPACITY_SECS:-20}" "$@"
-rate=$(.venv/bin/python -c "import json; print(json.load(open('$out/step-batching-request.json'))['offered_per_sec'])")
-slo_base=$(.venv/bin/python -c "
+rate=$("$python" -c "import json; print(json.load(open('$out/step-batching-request.json'))['offered_per_sec'])")
+slo_base=$("$python" -c "
 import json
 u = json.load(open('$out/step-batching-request.json'))['diffusion']['unloaded']
 print(','.join(f'{s}={v[\"p50_ms\"]:.1f}' for s, v in u.items()))")
 bench step --rate "$rate" --slo-base-ms "$slo_base" "$@"
-OUT=$out .venv/bin/python - <<'PY'
+OUT=$out "$python" - <<'PY'
 import json, os
 out = os.environ["OUT"]
 runs = {m: json.load(open(f"{out}/step-batching-{m}.json")) for m in ("request", "step")}

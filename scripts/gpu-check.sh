@@ -14,10 +14,12 @@
 #           time by batch at 512 px, and `kiln worker` against the raw ONNX Runtime loop at the same
 #           size, steps and batch (benches/diffusion_throughput.rs), through the kit's RabbitMQ.
 #           Writes $OUT/gpu-diffusion-check.md.
-#   bash scripts/gpu-check.sh raw|worker|diffusion [extra benchmark arguments]
+#   steps   step-level vs whole-request batching of that pipeline at 512 px (`kiln bench --workload
+#           diffusion` in both modes, scripts/bench-step-batching.sh). Writes $OUT/gpu-steps-check.md.
+#   bash scripts/gpu-check.sh raw|worker|diffusion|steps [extra benchmark arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: gpu-check.sh raw|worker|diffusion [benchmark arguments]}
+mode=${1:?usage: gpu-check.sh raw|worker|diffusion|steps [benchmark arguments]}
 shift
 G=${GPU_KIT:-/root/gk}
 out=${OUT:-/tmp}
@@ -62,7 +64,28 @@ case $mode in
     start_services
     args=(--model sd15-random --size 512 --steps 20 --batches "1,4,8" --rounds 2)
     ;;
-  *) echo "unknown check: $mode (raw, worker or diffusion)" >&2; exit 2 ;;
+  steps)
+    # Step-level vs whole-request batching of the SD 1.5-shaped pipeline at 512 px on CUDA
+    # (scripts/bench-step-batching.sh with the kit's kiln), at the CUDA step cap for 512 px (6).
+    report=$out/gpu-steps-check.md
+    models=/tmp/kiln-models
+    mkdir -p "$models" && tar -xJf "$G/sd15-random.tar.xz" -C "$models"
+    "${GPU_PYTHON:-/opt/torch/.venv/bin/python}" models/tools/fill_random_weights.py "$models/sd15-random"
+    export KILN_MODELS__DIR=$models KILN_MODELS__ENABLED=sd15-random
+    export KILN_INFERENCE__CUDA__CONV_ALGORITHM_SEARCH=${KILN_INFERENCE__CUDA__CONV_ALGORITHM_SEARCH:-heuristic}
+    start_services
+    {
+      echo "# GPU check (steps), $(date -u +%Y-%m-%dT%H:%MZ)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+      echo
+    } > "$report"
+    KILN_BIN=/tmp/kiln PYTHON=${GPU_PYTHON:-/opt/torch/.venv/bin/python} MODEL=sd15-random SIZE=512 \
+      BATCH=${BATCH:-6} DURATION=${DURATION:-30} CAPACITY_SECS=${CAPACITY_SECS:-15} UNLOADED=${UNLOADED:-3} \
+      bash scripts/bench-step-batching.sh "$@" 2>&1 | tee -a "$report"
+    cp target/bench/step-batching-*.json "$out/" 2>/dev/null || true
+    exit 0
+    ;;
+  *) echo "unknown check: $mode (raw, worker, diffusion or steps)" >&2; exit 2 ;;
 esac
 if [ "$bench" = /tmp/raw-bench ]; then
   xz -d -c "$G/raw-bench.xz" > /tmp/raw-bench && chmod +x /tmp/raw-bench

@@ -39,6 +39,8 @@ The six exceed one session's 15 device minutes. For the diffusion figures alone:
   command: cp .gk4/* /root/gk/      carry: [".gk4"]
   command: cp .gk5/* /root/gk/      carry: [".gk5"]
 then call 6.
+For step-level batching (issue 15) on the GPU, after calls 1 to 3 and .gk4/.gk5 copied as above:
+  7. command: cp .gk6/* /root/gk/ && bash scripts/gpu-check.sh steps   carry: [".gk6"]   timeout_s: 540
 Then give_back, and copy the tables from $OUT (gpu-check.md, gpu-worker-check.md,
-gpu-diffusion-check.md) into BENCHMARKS.md, "GPU".
+gpu-diffusion-check.md, gpu-steps-check.md) into BENCHMARKS.md, "GPU".
 CALLS
