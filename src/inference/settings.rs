@@ -235,14 +235,15 @@ pub enum StepMode {
 pub struct StepBatchingSettings {
     /// `step` (default) or `request`.
     pub mode: StepMode,
-    /// Most requests stepping together by image size, `[{ max_pixels = 262144, max_requests = 6 }]`,
+    /// Most requests stepping together by image size, `[{ max_pixels = 262144, max_requests = 16 }]`,
     /// smallest first; larger images run one at a time. Empty (default): by execution provider, from
-    /// measurement (BENCHMARKS.md): on CUDA 6 up to 512², 2 up to 768², 1 above. A step of B requests
-    /// takes every one of them as long as the whole step: 16 at 512² gives the most images/s on an
-    /// H200 (3.2× batch 1) but makes each step 5× slower, so no request meets a 3× SLO; 6 gives the
-    /// most images within their SLO (discrete-event simulation on the published curve), and one
-    /// 1024² request already fills the GPU (1.02× at 2). On CPU 2 up to 256², 1 above (a CPU gains
-    /// little from batching: 42.3 vs 39.9 ms per image-step at 1 and 2).
+    /// measurement (BENCHMARKS.md): on CUDA 16 up to 512² (3.2× the image-steps/s of one request on
+    /// an H200), 4 up to 768², 1 above (one 1024² request already fills the GPU: 1.02× at 2); on CPU
+    /// 2 up to 256², 1 above (a CPU gains little: 42.3 vs 39.9 ms per image-step at 1 and 2). The
+    /// trade-off (discrete-event simulation, BENCHMARKS.md): a full step of 16 takes 5× one
+    /// request's, so at 16 few requests finish within 3× their unloaded time; 6 gets the most
+    /// within that SLO but a third less throughput, and under 2× overload the paid tiers' p99 then
+    /// grows from 11× to 75× unloaded. The default keeps throughput; set 6 for latency-bound traffic.
     pub caps: Vec<crate::inference::StepCap>,
     /// Times one request may be paused for a higher tier's request. Default 1: a free request is
     /// paused at most once, so it always finishes.
@@ -271,11 +272,11 @@ impl StepBatchingSettings {
             (true, true) => vec![
                 StepCap {
                     max_pixels: 512 * 512,
-                    max_requests: 6,
+                    max_requests: 16,
                 },
                 StepCap {
                     max_pixels: 768 * 768,
-                    max_requests: 2,
+                    max_requests: 4,
                 },
             ],
             (true, false) => vec![StepCap {

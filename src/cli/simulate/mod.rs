@@ -469,7 +469,7 @@ mod tests {
     #[test]
     fn the_presets_take_the_workers_defaults_for_their_device() {
         let gpu = Scenario::from_args(&args("h200-512"), &Settings::default()).unwrap();
-        assert_eq!((gpu.step.cap, gpu.request.limits.max_batch_size), (6, 16));
+        assert_eq!((gpu.step.cap, gpu.request.limits.max_batch_size), (16, 16));
         assert_eq!(gpu.request.limits.max_queue_delay, Duration::from_millis(2));
         assert_eq!(gpu.step.weights, [20.0, 10.0, 1.0], "pro, plus, free");
         assert_eq!(gpu.mix.classes[2].deadline, Some(Duration::from_secs(600)));
