@@ -15,14 +15,14 @@
 # Prints each run's tables, then the comparison; JSON: target/bench/step-batching-<mode>.json.
 #   [LOAD=2] [BATCH=2] [DURATION=40] [SEED=15] [CAPACITY_SECS=20] [UNLOADED=5] scripts/bench-step-batching.sh [more kiln bench args]
 # On a machine with a prebuilt kiln and no registry (the GPU kit: scripts/gpu-check.sh steps):
-#   KILN_BIN=/tmp/kiln PYTHON=... MODEL=sd15-random SIZE=512 BATCH=6 scripts/bench-step-batching.sh
+#   BENCH_KILN=/tmp/kiln PYTHON=... MODEL=sd15-random SIZE=512 BATCH=6 scripts/bench-step-batching.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${KILN_BIN:-}" ]; then
+if [ -z "${BENCH_KILN:-}" ]; then
   scripts/setup.sh
   cargo build --release --locked --bin kiln
 fi
-kiln=${KILN_BIN:-target/release/kiln}
+kiln=${BENCH_KILN:-target/release/kiln}
 python=${PYTHON:-.venv/bin/python}
 out=target/bench
 mkdir -p "$out"

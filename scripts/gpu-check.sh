@@ -79,7 +79,7 @@ case $mode in
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
       echo
     } > "$report"
-    KILN_BIN=/tmp/kiln PYTHON=${GPU_PYTHON:-/opt/torch/.venv/bin/python} MODEL=sd15-random SIZE=512 \
+    BENCH_KILN=/tmp/kiln PYTHON=${GPU_PYTHON:-/opt/torch/.venv/bin/python} MODEL=sd15-random SIZE=512 \
       BATCH=${BATCH:-6} DURATION=${DURATION:-30} CAPACITY_SECS=${CAPACITY_SECS:-15} UNLOADED=${UNLOADED:-3} \
       bash scripts/bench-step-batching.sh "$@" 2>&1 | tee -a "$report"
     cp target/bench/step-batching-*.json "$out/" 2>/dev/null || true
