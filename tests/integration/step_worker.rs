@@ -29,6 +29,18 @@ fn metric(line_start: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Send a 50-step 512 px request (seconds of work on this CPU) with progress, and wait until it
+/// runs: the request, its first notice, and the image-steps run before it.
+async fn running(producer: &mut kiln::submit::Producer) -> (RequestDocument, kiln::submit::Reply, f64) {
+    let mut doc = long_request(50, 512);
+    doc.progress = true;
+    producer.send(&doc).await.unwrap();
+    let first = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
+    assert_eq!(first.document.status, ReplyStatus::Progress, "it is running");
+    let stepped = metric("kiln_denoising_steps_total{model=\"sd-tiny-random\"}");
+    (doc, first, stepped)
+}
+
 #[tokio::test]
 async fn progress_notices_come_in_order_before_the_final_reply_and_are_not_final() {
     let app = spawn_app_with(|s| s.limits.progress_interval_ms = 0).await;
@@ -75,13 +87,7 @@ async fn a_request_whose_producer_leaves_mid_run_stops_between_steps_and_is_dead
     })
     .await;
     let mut producer = app.producer().await;
-    // 50 steps at 512 px: seconds of work on this CPU.
-    let mut doc = long_request(50, 512);
-    doc.progress = true;
-    producer.send(&doc).await.unwrap();
-    let first = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
-    assert_eq!(first.document.status, ReplyStatus::Progress, "it is running");
-    let stepped_before = metric("kiln_denoising_steps_total{model=\"sd-tiny-random\"}");
+    let (doc, first, stepped_before) = running(&mut producer).await;
     let left = Instant::now();
     // The producer gives up: its exclusive reply queue goes with its connection.
     producer.close().await;
@@ -105,12 +111,7 @@ async fn a_request_whose_producer_leaves_mid_run_stops_between_steps_and_is_dead
 async fn a_cancel_from_the_producer_stops_a_running_request_with_a_final_cancelled_reply() {
     let app = spawn_app_with(|s| s.limits.progress_interval_ms = 0).await;
     let mut producer = app.producer().await;
-    let mut doc = long_request(50, 512);
-    doc.progress = true;
-    producer.send(&doc).await.unwrap();
-    let first = producer.next_reply(REPLY_TIMEOUT).await.unwrap();
-    assert_eq!(first.document.status, ReplyStatus::Progress, "it is running");
-    let stepped_before = metric("kiln_denoising_steps_total{model=\"sd-tiny-random\"}");
+    let (doc, first, stepped_before) = running(&mut producer).await;
     producer
         .cancel(&doc.request_id, Some("the user closed the tab"))
         .await
