@@ -87,7 +87,7 @@ async fn a_request_whose_producer_leaves_mid_run_stops_between_steps_and_is_dead
     })
     .await;
     let mut producer = app.producer().await;
-    let (doc, first, stepped_before) = running(&mut producer).await;
+    let (_, _, stepped_before) = running(&mut producer).await;
     let left = Instant::now();
     // The producer gives up: its exclusive reply queue goes with its connection.
     producer.close().await;
