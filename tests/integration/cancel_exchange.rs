@@ -336,7 +336,12 @@ async fn a_request_cancelled_before_it_arrives_is_answered_cancelled_and_not_cha
     let served = producer.request(&request(&photo, None), REPLY_TIMEOUT).await.unwrap();
     assert_eq!(served.document.status, ReplyStatus::Ok);
     let limiter = RedisLimiter::new(Arc::new(app.settings.rate_limit.clone())).unwrap();
-    let charged = limiter.show("test-user", now_ms()).await.unwrap();
+    // The lease is given back after the reply is confirmed: wait for it.
+    let charged = crate::helpers::poll_until("the served request's lease released", REPLY_TIMEOUT, async || {
+        let shown = limiter.show("test-user", now_ms()).await.unwrap();
+        (shown.in_flight == 0).then_some(shown)
+    })
+    .await;
     assert_eq!((charged.quota_used, charged.in_flight), (1, 0));
 
     // Cancelled first, sent after: answered on arrival, before admission.
