@@ -123,11 +123,15 @@ impl Application {
         let mut shutdown = std::pin::pin!(self.observability.watch_shutdown(shutdown));
         let amqp = &self.settings.amqp;
         let connection_name = format!("kiln worker {}", self.services.worker_id);
+        // The node the last connection was on: after losing it, the next one is tried first.
+        let mut node = None;
         loop {
             let connection = tokio::select! {
-                c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name) => c?,
+                c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name, node) => c?,
                 () = &mut shutdown => return Ok(()),
             };
+            let (connection, index) = connection;
+            node = Some(index);
             let connection = Arc::new(connection);
             match self.session(&connection, &mut shutdown).await? {
                 SessionEnd::Stopped => {

@@ -101,17 +101,15 @@ impl Producer {
 
     /// [`Producer::connect`], with the connection named `name` on the broker.
     pub async fn connect_as(name: &str, url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
-        let connection = Connection::connect(
-            url.expose_secret(),
-            ConnectionProperties::default().with_connection_name(name.into()),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {}",
-                crate::amqp::connect::redact(url.expose_secret())
-            )
-        })?;
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let (connection, _) = crate::amqp::connect::connect_any(url, &properties, None)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to {}",
+                    crate::amqp::connect::redact(url.expose_secret())
+                )
+            })?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         let (reply_queue, consumer) = crate::amqp::private_reply_queue(&channel).await?;

@@ -7,8 +7,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
-    /// Broker URL, `amqp://` or `amqps://`; it may carry credentials, so it is never logged.
-    /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// Broker URL, `amqp://` or `amqps://`; it may carry credentials, so it is never logged. Several
+    /// URLs separated by commas name the nodes of a RabbitMQ cluster: the worker connects to the
+    /// first that answers and, when it loses that node, tries the next one first. Default
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: SecretString,
     /// Unacknowledged deliveries this worker holds at once (`basic.qos`). Default 16: enough to keep
     /// the inference thread fed while replies are being confirmed.

@@ -62,8 +62,8 @@ impl Worker {
 
 /// Remove the bench's queues and exchanges, and its Redis keys.
 pub async fn clean_up(settings: &Settings, topology: &Topology) {
-    let url = settings.amqp.url.expose_secret();
-    if let Ok(connection) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await {
+    let properties = lapin::ConnectionProperties::default();
+    if let Ok((connection, _)) = kiln::amqp::connect::connect_any(&settings.amqp.url, &properties, None).await {
         if let Ok(channel) = connection.create_channel().await {
             topology.delete(&channel).await;
             let _ = channel.close(200, "bench cleanup".into()).await;

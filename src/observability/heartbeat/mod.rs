@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -156,7 +156,7 @@ async fn beat(
 async fn open(settings: &Beacon, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
     let properties =
         ConnectionProperties::default().with_connection_name(format!("kiln heartbeat {}", settings.worker_id).into());
-    let connection = Connection::connect(settings.url.expose_secret(), properties).await?;
+    let (connection, _) = crate::amqp::connect::connect_any(&settings.url, &properties, None).await?;
     let channel = connection.create_channel().await?;
     let options = ExchangeDeclareOptions {
         durable: true,
