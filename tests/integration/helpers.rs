@@ -186,8 +186,9 @@ impl TestApp {
     pub async fn wait_until_consuming(&self) {
         let started = Instant::now();
         loop {
-            // A passive declare of a missing queue closes the channel: use a fresh one each time.
-            let channel = admin_channel().await;
+            // A passive declare of a missing queue closes the channel: use a fresh one each time,
+            // on the worker's broker (its first node, when it names several).
+            let channel = channel_on(&self.settings.amqp.url).await;
             // Consumers start in the order of `request_queues`: the last one means all of them.
             let last = &self.topology.request_queues.last().expect("a request queue").name;
             if let Ok(q) = channel
@@ -253,6 +254,16 @@ pub fn passive() -> QueueDeclareOptions {
 }
 
 /// A channel on a connection of the test's own.
+/// A channel on the first node of `url` that answers.
+pub async fn channel_on(url: &secrecy::SecretString) -> Channel {
+    let (connection, _) = kiln::amqp::connect::connect_any(url, &ConnectionProperties::default(), None)
+        .await
+        .expect("a broker node answers");
+    let channel = connection.create_channel().await.unwrap();
+    drop(connection);
+    channel
+}
+
 pub async fn admin_channel() -> Channel {
     let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await

@@ -6,6 +6,7 @@ mod helpers;
 mod abandoned;
 mod bad_input;
 mod batching;
+mod broker_failover;
 mod broker_nodes;
 mod cancel_exchange;
 mod contract;
