@@ -5,10 +5,10 @@
 //!  producer ──► "" ──► <prefix>.requests.<tier>   (one per tier, same arguments) ──► worker
 //!                            │ rejected / over the delivery limit
 //!                            ▼
-//!                      <prefix>.dlx (fanout) ──► <prefix>.dead-letter
+//!                      <prefix>.dlx (fanout) ──► <prefix>.dead-letter  (quorum)
 //!  worker ──► <prefix>.results (topic, key = request_id) ──► producers' queues
 //!  worker ──► "" ──► reply_to (RPC replies)
-//!  worker ──► <prefix>.deferred.<ms> (message TTL) ──expired──► <prefix>.requeue (headers)
+//!  worker ──► <prefix>.deferred.<ms> (quorum, message TTL) ──expired──► <prefix>.requeue (headers)
 //!                 ──kiln-queue header──► the request queue the request came from
 //!                 ──no such queue (alternate exchange <prefix>.requeue.fallback)──► <prefix>.requests
 //!  producer ──► <prefix>.cancel (fanout) ──► one exclusive, server-named queue per worker connection
@@ -203,12 +203,10 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        // Quorum, like the request queues: a classic queue lives on one node, and with that node
+        // down no worker could declare the topology on another.
         channel
-            .queue_declare(
-                self.dead_letter_queue.as_str().into(),
-                durable_queue,
-                FieldTable::default(),
-            )
+            .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue, quorum())
             .await?;
         channel
             .queue_bind(
@@ -276,7 +274,18 @@ impl Topology {
             )
             .await?;
         for (ms, name) in &self.delay_queues {
-            let mut args = FieldTable::default();
+            let mut args = quorum();
+            // Expired copies are dead-lettered at least once (never dropped on a node's failure),
+            // which quorum queues do only with publishers refused when full rather than messages
+            // dropped.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
             args.insert(
                 "x-dead-letter-exchange".into(),
@@ -287,6 +296,13 @@ impl Topology {
         Self::declare_cancel_exchange(channel, &self.cancel_exchange).await?;
         Ok(())
     }
+}
+
+/// The arguments of a quorum queue (replicated across a cluster's nodes).
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args
 }
 
 impl Topology {

@@ -60,9 +60,6 @@ impl Drop for Cluster {
 }
 
 #[tokio::test]
-#[ignore = "issue 17: the dead-letter and delay queues are classic queues homed on the first node; with it \
-            stopped, the worker's topology declaration on another node fails (404, home node down). They must \
-            become quorum queues first. Run with --run-ignored to see it."]
 async fn when_its_node_stops_the_worker_moves_to_another_and_every_request_is_answered() {
     let cluster = Cluster::start();
     let all = cluster.urls.join(",");
