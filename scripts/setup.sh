@@ -19,3 +19,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pika, jsonschema, 
 fi
 
 scripts/install-prometheus.sh
+# This machine's broker may still hold dead-letter and delay queues of the demo and the deployment
+# checks as an earlier kiln declared them (classic; now quorum, docs/deploy.md "Upgrading"), which a
+# worker cannot redeclare: they are this machine's own, delete them.
+if command -v rabbitmqctl >/dev/null; then
+  rabbitmqctl -q list_queues name type 2>/dev/null |
+    awk '$2 == "classic" && ($1 ~ /^kiln[-a-z0-9]*\.dead-letter$/ || $1 ~ /^kiln[-a-z0-9]*\.deferred\.[0-9]+$/) {print $1}' |
+    while read -r queue; do rabbitmqctl -q delete_queue "$queue" </dev/null >/dev/null; done || true
+fi
