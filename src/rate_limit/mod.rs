@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub use self::redis::{RedisLimiter, UserKeys, UserState};
 pub use crate::domain::limits::{LimitInfo, Scope};
 pub use local::LocalLimiter;
-pub use settings::{AtLimit, RateLimitSettings, RedisDown, TierSettings};
+pub use settings::{AtLimit, RateLimitSettings, RedisDown, RedisMode, TierSettings};
 
 /// One decision, from Redis or the local limiter.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,13 +1,20 @@
 //! The fleet-wide limiter: one Lua script, one round trip, per decision.
+//!
+//! On one Redis server, or on a Redis Cluster (`rate_limit.redis_mode = "cluster"`): every key of a
+//! user shares the hash tag `{u:<user>}`, so a decision is one script on the master that owns the
+//! user's slot. The `redis` crate's cluster client routes it there, follows MOVED and ASK, and
+//! learns the new slot map when a replica takes over from a failed master. Scripts are not
+//! replicated: a promoted replica answers NOSCRIPT once and the script is loaded again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
-use secrecy::ExposeSecret;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
 
-use super::settings::RateLimitSettings;
+use super::settings::{RateLimitSettings, RedisMode};
 use super::{Scope, Verdict};
 
 const DAY_MS: i64 = 86_400_000;
@@ -68,10 +75,78 @@ pub struct UserState {
     pub max_in_flight: u64,
 }
 
+/// The connection to one server or to a cluster; either reconnects by itself.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Connection {
+    /// Connect lazily: an absent Redis is not an error here, only at the first command.
+    fn open(settings: &RateLimitSettings) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(settings.redis_timeout_ms);
+        let urls = settings.redis_urls();
+        Ok(match settings.redis_mode {
+            RedisMode::Single => {
+                let client = redis::Client::open(urls.first().copied().unwrap_or_default())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                Connection::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+            }
+            RedisMode::Cluster => {
+                // Few, quick retries: the caller's timeout (`redis_timeout_ms`) and outage policy
+                // decide what happens while a slot has no master; retrying longer only delays that.
+                let client = ClusterClientBuilder::new(urls)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .min_retry_wait(10)
+                    .max_retry_wait(100)
+                    .build()?;
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout);
+                Connection::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        })
+    }
+}
+
 /// Decisions and administration against Redis.
 #[derive(Clone)]
 pub struct RedisLimiter {
-    connection: ConnectionManager,
+    connection: Connection,
     script: Arc<redis::Script>,
     settings: Arc<RateLimitSettings>,
     /// The tiers as the script's trailing arguments, built once.
@@ -81,13 +156,7 @@ pub struct RedisLimiter {
 impl RedisLimiter {
     /// A limiter that connects lazily and reconnects by itself; it never fails for an absent Redis.
     pub fn new(settings: Arc<RateLimitSettings>) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.redis_url.expose_secret())?;
-        let timeout = Duration::from_millis(settings.redis_timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        let connection = Connection::open(&settings)?;
         let mut tier_args = Vec::new();
         for (name, tier) in &settings.tiers {
             tier_args.extend([
@@ -183,6 +252,19 @@ impl RedisLimiter {
             .clone()
             .del(&[&keys.gcra, &keys.quota, &keys.leases])
             .await
+    }
+
+    /// Delete every key under the prefix, on every master; how many there were. For tests and
+    /// benchmarks that clean up after themselves: `KEYS` walks the whole keyspace.
+    pub async fn delete_all(&self) -> redis::RedisResult<usize> {
+        let mut c = self.connection.clone();
+        let pattern = format!("{}:*", self.settings.key_prefix);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await?;
+        // One key per DEL: on a cluster, the keys of different users live on different masters.
+        for key in &keys {
+            let _: () = c.del(key).await?;
+        }
+        Ok(keys.len())
     }
 
     /// What the limiter knows of a user, without changing anything.

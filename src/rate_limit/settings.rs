@@ -31,6 +31,19 @@ pub enum RedisDown {
     FailClosed,
 }
 
+/// How kiln reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One Redis server (or a managed endpoint that looks like one): `redis_url` names it.
+    #[default]
+    Single,
+    /// A Redis Cluster: `redis_url` names one or more of its nodes, comma-separated (seeds; the
+    /// rest are discovered). Each decision runs on the master that owns the user's slot; MOVED and
+    /// ASK redirections and a replica's promotion after a master fails are followed.
+    Cluster,
+}
+
 /// One tier. Costs are in units: one unit is one image of `cost.unit_pixels` pixels.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +120,10 @@ impl CostSettings {
 pub struct RateLimitSettings {
     /// Enforce limits at all. Default true.
     pub enabled: bool,
-    /// Redis URL; may carry a password, never logged. Default `redis://127.0.0.1:6379/`.
+    /// `single` (default) or `cluster`; see [`RedisMode`].
+    pub redis_mode: RedisMode,
+    /// Redis URL; may carry a password, never logged. Default `redis://127.0.0.1:6379/`. In
+    /// `cluster` mode, the URLs of one or more nodes, comma-separated.
     pub redis_url: SecretString,
     /// Prefix of every key (`<prefix>:{u:<user>}:…`). Default `kiln`. No `{` or `}`.
     pub key_prefix: String,
@@ -142,6 +158,7 @@ impl Default for RateLimitSettings {
         };
         Self {
             enabled: true,
+            redis_mode: RedisMode::Single,
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
             key_prefix: "kiln".into(),
             default_tier: "free".into(),
@@ -165,6 +182,13 @@ impl RateLimitSettings {
     /// Refuse settings that cannot work: an unknown default tier, impossible numbers, a bad prefix.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(!self.tiers.is_empty(), "rate_limit.tiers is empty");
+        let urls = self.redis_urls();
+        ensure!(!urls.is_empty(), "rate_limit.redis_url is empty");
+        ensure!(
+            self.redis_mode == RedisMode::Cluster || urls.len() == 1,
+            "rate_limit.redis_url names {} servers: set rate_limit.redis_mode = \"cluster\" for a Redis Cluster",
+            urls.len()
+        );
         if !self.tiers.contains_key(&self.default_tier) {
             bail!(
                 "rate_limit.default_tier = {:?} is not a tier; tiers: {}",
@@ -208,6 +232,17 @@ impl RateLimitSettings {
         Ok(())
     }
 
+    /// The URLs `redis_url` names (one; in `cluster` mode, possibly several), with their secrets.
+    pub fn redis_urls(&self) -> Vec<&str> {
+        use secrecy::ExposeSecret;
+        self.redis_url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     /// The tier called `name`, or the default tier.
     pub fn tier_or_default(&self, name: Option<&str>) -> (&str, &TierSettings) {
         name.and_then(|n| self.tiers.get_key_value(n))
@@ -224,6 +259,19 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         RateLimitSettings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn several_redis_urls_need_cluster_mode() {
+        let mut s = RateLimitSettings {
+            redis_url: "redis://10.0.0.1:6379/, redis://10.0.0.2:6379/".to_owned().into(),
+            ..Default::default()
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("redis_mode = \"cluster\""), "{e}");
+        s.redis_mode = RedisMode::Cluster;
+        s.validate().unwrap();
+        assert_eq!(s.redis_urls(), ["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod model_rewrite;
 mod observability;
 mod python_producer;
 mod rate_limits;
+mod redis_cluster;
 mod reliability;
 mod step;
 mod step_batching;

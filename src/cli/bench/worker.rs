@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
-
 use kiln::amqp::Topology;
 use kiln::configuration::Settings;
 use kiln::startup::Application;
@@ -70,19 +68,8 @@ pub async fn clean_up(settings: &Settings, topology: &Topology) {
         }
         let _ = connection.close(200, "bench cleanup".into()).await;
     }
-    let Ok(client) = redis::Client::open(settings.rate_limit.redis_url.expose_secret()) else {
-        return;
-    };
-    let Ok(mut redis) = client.get_multiplexed_async_connection().await else {
-        return;
-    };
-    let pattern = format!("{}:*", settings.rate_limit.key_prefix);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(&pattern)
-        .query_async(&mut redis)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+    let limiter = kiln::rate_limit::RedisLimiter::new(std::sync::Arc::new(settings.rate_limit.clone()));
+    if let Ok(limiter) = limiter {
+        let _ = limiter.delete_all().await;
     }
 }
