@@ -160,6 +160,8 @@ EXPECTED_INVALID: dict[str, tuple[str, str]] = {
     "heartbeat-queue-extra-field.json": ("/queue", "additionalProperties"),
     "heartbeat-throttle-reason-unknown.json": ("/gpus/0/throttle_reasons/0", "enum"),
     "heartbeat-timestamp-unix.json": ("/timestamp", "type"),
+    "heartbeat-broker-failovers-negative.json": ("/broker_failovers", "minimum"),
+    "heartbeat-broker-node-empty.json": ("/broker_node", "minLength"),
     "cancel-missing-request-id.json": ("", "required"),
     "cancel-version-2.json": ("/version", "const"),
     "cancel-request-id-space.json": ("/request_id", "pattern"),

@@ -3,7 +3,10 @@
 //! `Application::build` loads ONNX Runtime and every model before touching the broker, so a bad
 //! model, library or GPU fails fast with a clear error. `run_until_stopped` then connects (retrying
 //! while the broker is unreachable), declares the topology, consumes, and on a lost connection
-//! reconnects; unacknowledged requests of the lost connection are redelivered by the broker.
+//! reconnects; unacknowledged requests of the lost connection are redelivered by the broker. With
+//! several nodes in `amqp.url` it tries the node after the lost one first; a session on another
+//! node than the last is a failover, which `/readyz`, the heartbeat and the metrics report
+//! (`observability::Health::set_consuming_on`).
 //!
 //! Each session also listens on the cancel exchange (`amqp::cancel`) on a queue of its own, which
 //! lives with the connection: a reconnecting session binds a new one. The cancels heard go to the
@@ -16,8 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use lapin::message::Delivery;
 use lapin::Connection;
+use secrecy::ExposeSecret;
 
-use crate::amqp::connect::connect_with_retry;
+use crate::amqp::connect::{broker_urls, connect_with_retry, node_address};
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
 use crate::amqp::{CancelListener, Consumers, ReplyQueues, SessionEnd};
@@ -132,14 +136,15 @@ impl Application {
             };
             let (connection, index) = connection;
             node = Some(index);
+            let address = node_address(broker_urls(amqp.url.expose_secret())[index]);
             let connection = Arc::new(connection);
-            match self.session(&connection, &mut shutdown).await? {
+            match self.session(&connection, &address, &mut shutdown).await? {
                 SessionEnd::Stopped => {
                     let _ = connection.close(200, "worker shutting down".into()).await;
                     break;
                 }
                 SessionEnd::Lost(reason) => {
-                    tracing::warn!(%reason, "lost the broker connection; reconnecting");
+                    tracing::warn!(%reason, broker_node = %address, "lost the broker connection; reconnecting");
                     crate::metrics::record_broker_reconnect();
                     self.observability.health().set_broker(BrokerState::Lost(reason));
                 }
@@ -154,11 +159,13 @@ impl Application {
         Ok(())
     }
 
-    /// One connection: declare the topology, open the reply publisher, the cancel listener and the
-    /// consumers, and serve deliveries until shutdown or connection loss.
+    /// One connection, on broker node `node` (`host:port`): declare the topology, open the reply
+    /// publisher, the cancel listener and the consumers, and serve deliveries until shutdown or
+    /// connection loss.
     async fn session(
         &self,
         connection: &Arc<Connection>,
+        node: &str,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> anyhow::Result<SessionEnd> {
         let topology = &self.services.topology;
@@ -190,9 +197,12 @@ impl Application {
         );
         let reply_queues = ReplyQueues::new(Arc::clone(connection));
         let worker = Worker::new(self.services.clone(), publisher.clone(), reply_queues);
-        self.observability.health().set_broker(BrokerState::Consuming);
+        // A session on another node than the last one is a failover (counted by `Health`).
+        let failover = self.observability.health().set_consuming_on(node);
         tracing::info!(
             worker_id = %self.services.worker_id,
+            broker_node = node,
+            failover,
             queues = ?topology.request_queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
             provider = self.provider().name(),
             models = ?self.services.registry.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),

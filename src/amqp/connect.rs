@@ -88,6 +88,30 @@ pub async fn connect_with_retry(
     }
 }
 
+/// A node's `host:port`, from one of the URLs [`broker_urls`] gives: no user, password or vhost,
+/// so it can be a metric label or go in a heartbeat. The port is the scheme's default (5672,
+/// `amqps` 5671) when the URL names none.
+pub fn node_address(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    // A port follows the last ':' outside an IPv6 literal's brackets.
+    let has_port = host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
+    match has_port {
+        true => host_port.to_owned(),
+        false => {
+            let port = if scheme.eq_ignore_ascii_case("amqps") {
+                5671
+            } else {
+                5672
+            };
+            format!("{}:{port}", host_port.trim_end_matches(':'))
+        }
+    }
+}
+
 /// The URL without its password, for logs (each node's, when it names several).
 pub fn redact(url: &str) -> String {
     if url.contains(',') {
@@ -118,6 +142,21 @@ mod tests {
             redact("amqp://u:a@n1:5672, amqp://u:b@n2:5672"),
             "amqp://u:***@n1:5672,amqp://u:***@n2:5672"
         );
+    }
+
+    #[test]
+    fn a_node_is_its_host_and_port_without_credentials() {
+        assert_eq!(node_address("amqp://guest:secret@127.0.0.1:5682/%2f"), "127.0.0.1:5682");
+        assert_eq!(node_address("amqp://rmq-0/%2f"), "rmq-0:5672");
+        assert_eq!(
+            node_address("amqps://u:p@rmq-1.example?heartbeat=10"),
+            "rmq-1.example:5671"
+        );
+        assert_eq!(node_address("amqp://u:p:w@[::1]:5690"), "[::1]:5690");
+        assert_eq!(node_address("amqp://[::1]/vhost"), "[::1]:5672");
+        let url = "amqp://u:a@n1:5672, amqp://u:b@n2:5673";
+        let nodes: Vec<String> = broker_urls(url).into_iter().map(node_address).collect();
+        assert_eq!(nodes, ["n1:5672", "n2:5673"]);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! Naming follows Prometheus: `kiln_` prefix, base units (seconds, bytes), `_total` on counters.
 //! Labels come from small fixed sets only: `model` (a served model, else `unknown`), `tier` (a
 //! configured tier, else `unknown`), `outcome`, `result`, `reason`, `stage`, `queue`, `provider`,
-//! `version`, `gpu` (an index), `held` (`true`, `false`). Never a user id or a request id.
+//! `version`, `gpu` (an index), `held` (`true`, `false`), `node` (a broker node of `amqp.url`, as
+//! `host:port`: never its credentials). Never a user id or a request id.
 //!
 //! Each metric is declared once, in the [`declare_metrics!`] table below: name, type, labels,
 //! help. The table yields the collectors, their registration, [`METRIC_NAMES`] and the list in
@@ -132,6 +133,10 @@ declare_metrics! {
         "Failed Redis calls of the limiter: error, timeout (decisions), release (returning a lease).";
     broker_reconnects: IntCounter = "kiln_broker_reconnects_total", "counter", [],
         "Times the broker connection was lost and the worker reconnected.";
+    broker_failovers: IntCounter = "kiln_broker_failovers_total", "counter", [],
+        "Broker reconnects that landed on another node than the one lost (amqp.url naming a cluster's nodes).";
+    broker_node: IntGaugeVec = "kiln_broker_node", "gauge (0/1)", ["node"],
+        "1 for the broker node (host:port) the worker's connection is on; 0 for a node it was on before.";
     queue_messages: IntGaugeVec = "kiln_queue_messages", "gauge", ["queue"],
         "Messages ready in a queue (requests, dead_letter), as of the last heartbeat.";
     heartbeats: IntCounterVec = "kiln_heartbeats_total", "counter", ["result"],
@@ -438,6 +443,21 @@ pub fn record_broker_reconnect() {
     m().broker_reconnects.inc();
 }
 
+/// The worker's broker connection is on `node` (`host:port`), and was on `previous` before (a lost
+/// connection's node, or `None` at startup): `previous` goes to 0, `node` to 1.
+pub fn set_broker_node(previous: Option<&str>, node: &str) {
+    let metrics = m();
+    if let Some(previous) = previous.filter(|p| *p != node) {
+        metrics.broker_node.with_label_values(&[previous]).set(0);
+    }
+    metrics.broker_node.with_label_values(&[node]).set(1);
+}
+
+/// A reconnect landed on another broker node than the one lost.
+pub fn record_broker_failover() {
+    m().broker_failovers.inc();
+}
+
 /// Messages ready in `queue` (`requests`, `requests.<tier>` per configured tier, `dead_letter`).
 pub fn set_queue_messages(queue: &str, messages: u32) {
     m().queue_messages.with_label_values(&[queue]).set(i64::from(messages));
@@ -582,6 +602,25 @@ mod tests {
         // Other tests in this process may hear cancels too: at least ours.
         assert!(count("true") > before.0);
         assert!(count("false") >= before.1 + 2);
+    }
+
+    #[test]
+    fn the_broker_node_in_use_is_1_and_the_one_before_0() {
+        // Node labels only this test uses: other tests in this process connect too.
+        let (a, b) = ("unit-test-node-a:5681", "unit-test-node-b:5682");
+        let node = |n: &str| m().broker_node.with_label_values(&[n]).get();
+        set_broker_node(None, a);
+        assert_eq!((node(a), node(b)), (1, 0));
+        set_broker_node(Some(a), a);
+        assert_eq!(node(a), 1, "the same node again stays 1");
+        set_broker_node(Some(a), b);
+        assert_eq!((node(a), node(b)), (0, 1));
+        let text = render();
+        assert!(
+            text.contains(&format!("kiln_broker_node{{node=\"{b}\"}} 1\n")),
+            "{text}"
+        );
+        assert!(text.contains("kiln_broker_failovers_total "), "always there: {text}");
     }
 
     #[test]

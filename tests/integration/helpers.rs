@@ -547,6 +547,36 @@ impl Drop for TcpProxy {
     }
 }
 
+/// One `GET` over HTTP/1.0 (the server closes the connection after the body): status and body.
+pub async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP endpoint accepts");
+    let request = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// A worker's `/readyz`: status and the JSON report.
+pub async fn readyz(addr: SocketAddr) -> (u16, serde_json::Value) {
+    let (status, body) = http_get(addr, "/readyz").await;
+    (status, serde_json::from_str(&body).expect("a JSON report"))
+}
+
+/// The value of one series in a `/metrics` text: `series` is the name with its labels as the
+/// worker writes them (`kiln_broker_node{node="127.0.0.1:5672"}`); `None` if absent.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.parse().expect("a number"))
+}
+
 /// A free TCP port on 127.0.0.1 (nothing listens on it when this returns).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -21,24 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::consume;
 use crate::helpers::{
-    admin_channel, exclusive_queue, free_port, read, repo, request, spawn_app_alone_with, spawn_app_with,
+    admin_channel, exclusive_queue, free_port, http_get, read, repo, request, spawn_app_alone_with, spawn_app_with,
     test_settings, within, TcpProxy, TestApp, WorkerProcess, REPLY_TIMEOUT,
 };
-
-/// One `GET` over HTTP/1.0 (the server closes the connection after the body): status and body.
-async fn http_get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("the HTTP endpoint accepts");
-    let request = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
 
 fn percent_encode(s: &str) -> String {
     s.bytes()
@@ -302,6 +287,9 @@ async fn metrics_count_exactly_what_the_worker_did_and_promtool_has_nothing_to_s
     assert!(s.sum("kiln_model_load_seconds", &model) > 0.0);
     assert_eq!(s.sum("kiln_ready", &[]), 1.0);
     assert_eq!(s.sum("kiln_broker_reconnects_total", &[]), 0.0);
+    assert_eq!(s.sum("kiln_broker_failovers_total", &[]), 0.0);
+    assert_eq!(s.sum("kiln_broker_node", &[("node", "127.0.0.1:5672")]), 1.0);
+    assert_eq!(s.series("kiln_broker_node", &[]), 1);
     assert_eq!(s.series("kiln_rate_limit_decisions_total", &[]), 0, "limits are off");
     assert!(!s.text.contains("test-user"), "a user id is never a label value");
     if no_gpu_here() {
@@ -575,6 +563,9 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
     assert_eq!(beat["queue"]["consumers"], 1);
     assert_eq!(beat["queue"]["requests_ready"], 0);
     assert_eq!(beat["queue"]["dead_letters"], 0);
+    // The node of amqp.url the worker consumes on, as host:port (never the URL's credentials).
+    assert_eq!(beat["broker_node"], "127.0.0.1:5672");
+    assert_eq!(beat["broker_failovers"], 0);
     if no_gpu_here() {
         assert_eq!(beat["gpus"], serde_json::json!([]));
     }
@@ -676,24 +667,43 @@ async fn readyz_is_503_until_the_worker_consumes_and_while_the_broker_is_gone() 
     assert_eq!(http_get(app.http_addr, "/healthz").await.0, 200);
     assert_eq!(scrape(app.http_addr).await.sum("kiln_ready", &[]), 0.0);
 
+    assert_eq!(report["broker_node"], Value::Null, "never connected yet");
+    let node = format!("127.0.0.1:{port}");
+
     let proxy = TcpProxy::start(port, 5672).await;
     let report = wait_readyz(&app, 200).await;
     assert_eq!(report["ready"], true);
     assert_eq!(report["failing"], serde_json::json!([]));
+    assert_eq!(report["broker_node"], node.as_str());
+    assert_eq!(
+        report["checks"]["broker"]["detail"],
+        format!("connected to rabbit node {node} and consuming the request queue")
+    );
     assert_eq!(scrape(app.http_addr).await.sum("kiln_ready", &[]), 1.0);
 
     // The broker goes away (connections cut, nothing listening): not ready, and counted.
     drop(proxy);
     let report = wait_readyz(&app, 503).await;
     assert_eq!(report["failing"], serde_json::json!(["broker"]));
+    let detail = report["checks"]["broker"]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(&format!("lost the connection to rabbit node {node}")),
+        "{detail}"
+    );
     assert_eq!(http_get(app.http_addr, "/healthz").await.0, 200);
     assert_eq!(
         scrape(app.http_addr).await.sum("kiln_broker_reconnects_total", &[]),
         1.0
     );
 
+    // Back on the same node (the only one amqp.url names): a reconnect, not a failover.
     let _proxy = TcpProxy::start(port, 5672).await;
-    wait_readyz(&app, 200).await;
+    let report = wait_readyz(&app, 200).await;
+    assert_eq!(report["broker_node"], node.as_str());
+    assert_eq!(report["broker_failovers"], 0);
+    let s = scrape(app.http_addr).await;
+    assert_eq!(s.sum("kiln_broker_failovers_total", &[]), 0.0);
+    assert_eq!(s.sum("kiln_broker_node", &[("node", node.as_str())]), 1.0);
     app.stop().await;
 }
 

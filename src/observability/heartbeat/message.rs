@@ -24,6 +24,12 @@ pub struct HeartbeatMessage {
     pub state: &'static str,
     /// Whether `/readyz` passes.
     pub ready: bool,
+    /// The broker node (`host:port`, never credentials) the worker's request connection is on, or
+    /// the one it lost while it reconnects; `null` before it first consumed. The heartbeat's own
+    /// connection may be on another node.
+    pub broker_node: Option<String>,
+    /// Reconnects that landed on another broker node than the one lost, since the worker started.
+    pub broker_failovers: u64,
     /// When this was sent (RFC 3339, UTC).
     pub timestamp: String,
     /// kiln's version.
@@ -142,6 +148,8 @@ pub(super) fn message(settings: &Beacon, health: &Health, load: Load, queue: Que
         worker_id: settings.worker_id.clone(),
         state,
         ready: report.ready,
+        broker_node: report.broker_node,
+        broker_failovers: report.broker_failovers,
         timestamp: OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .expect("the current time formats"),
@@ -161,6 +169,75 @@ pub(super) fn message(settings: &Beacon, health: &Health, load: Load, queue: Que
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn beacon() -> Beacon {
+        Beacon {
+            url: "amqp://guest:secret@127.0.0.1:5681/%2f,amqp://guest:secret@127.0.0.1:5682/%2f".into(),
+            prefix: "kiln".into(),
+            request_queues: vec![("requests".into(), "kiln.requests".into())],
+            dead_letter_queue: "kiln.dead-letter".into(),
+            worker_id: "kiln-0".into(),
+            models: vec!["multistyle26".into()],
+            provider: "cpu".into(),
+            interval: Duration::from_secs(5),
+        }
+    }
+
+    fn queue() -> QueueFigures {
+        QueueFigures {
+            requests_ready: Some(0),
+            consumers: Some(1),
+            dead_letters: Some(0),
+            max_wait_seconds: None,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_says_which_broker_node_the_worker_is_on_and_how_often_it_moved() {
+        let health = Health::new("multistyle26 loaded".into(), None);
+        let load = (0.0, None, 0);
+        let starting = message(&beacon(), &health, load, queue());
+        assert_eq!(
+            (
+                starting.state,
+                starting.broker_node.as_deref(),
+                starting.broker_failovers
+            ),
+            ("starting", None, 0)
+        );
+
+        health.set_consuming_on("unit-test-heartbeat-kc1:5681");
+        health.set_broker(BrokerState::Lost("node stopped".into()));
+        let reconnecting = message(&beacon(), &health, load, queue());
+        assert_eq!(reconnecting.state, "reconnecting");
+        assert_eq!(
+            reconnecting.broker_node.as_deref(),
+            Some("unit-test-heartbeat-kc1:5681")
+        );
+        // Back on the same node: not a failover.
+        health.set_consuming_on("unit-test-heartbeat-kc1:5681");
+        assert_eq!(message(&beacon(), &health, load, queue()).broker_failovers, 0);
+        health.set_broker(BrokerState::Lost("node stopped".into()));
+        health.set_consuming_on("unit-test-heartbeat-kc2:5682");
+        let moved = message(&beacon(), &health, load, queue());
+        assert_eq!(moved.state, "serving");
+        assert_eq!(moved.broker_node.as_deref(), Some("unit-test-heartbeat-kc2:5682"));
+        assert_eq!(moved.broker_failovers, 1);
+
+        // On the wire, valid against the published schema, and no credentials.
+        let json = serde_json::to_value(&moved).unwrap();
+        assert_eq!(json["broker_node"], "unit-test-heartbeat-kc2:5682");
+        assert_eq!(json["broker_failovers"], 1);
+        assert!(!json.to_string().contains("secret"));
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../../../schemas/heartbeat.v1.schema.json"))
+            .expect("the schema is JSON");
+        let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+        for beat in [starting, reconnecting, moved] {
+            let beat = serde_json::to_value(&beat).unwrap();
+            let errors: Vec<String> = validator.iter_errors(&beat).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{beat}: {errors:?}");
+        }
+    }
 
     fn usage(busy_seconds: f64, images: u64) -> Usage {
         Usage { busy_seconds, images }

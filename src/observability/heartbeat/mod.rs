@@ -3,7 +3,8 @@
 //! `schemas/heartbeat.v1.schema.json`; channel `heartbeat` in `schemas/asyncapi.yaml`).
 //!
 //! It says who the worker is (id, version, models, execution provider), whether it serves
-//! (`state`, `ready`), how loaded it is (in flight, busy fraction, the queue behind it) and what it
+//! (`state`, `ready`) and on which broker node (`broker_node`, `host:port`, and `broker_failovers`,
+//! the times it moved to another node after losing one), how loaded it is (in flight, busy fraction, the queue behind it) and what it
 //! can do: `capacity_images_per_second` is measured, images rendered per second of model run over
 //! the last minute (or the last minute that had work), `null` before the first image. GPU figures
 //! come from [`crate::gpu`] when NVML is there. When shutdown begins, a last message with
