@@ -4,18 +4,24 @@
 //! EVALSHA of `decide.lua` over one multiplexed connection) from C concurrent tasks, and
 //! `redis-benchmark` with C connections running the same script with the same keys and arguments
 //! (its ceiling), plus `PING` (the round-trip floor). Reports decisions/s and p50/p99 latency.
+//!
+//! With `--cluster <node URLs>` (what `scripts/bench-limiter.sh --cluster` passes after starting
+//! `scripts/redis-cluster.sh`), also, in the same rounds: the limiter on that Redis Cluster vs on the
+//! single Redis, both spreading decisions over 64 users (so the cluster's users are on all its
+//! masters).
 
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln::rate_limit::{AtLimit, Decision, Limiter, RateLimitSettings, TierSettings, UserKeys};
+use kiln::rate_limit::{AtLimit, Decision, Limiter, RateLimitSettings, RedisMode, TierSettings, UserKeys};
 
 struct Args {
     concurrency: usize,
     seconds: f64,
     rounds: usize,
+    cluster: Option<String>,
 }
 
 fn args() -> Args {
@@ -23,6 +29,7 @@ fn args() -> Args {
         concurrency: 16,
         seconds: 5.0,
         rounds: 3,
+        cluster: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
     for pair in argv.chunks(2) {
@@ -30,7 +37,8 @@ fn args() -> Args {
             ("--concurrency", Some(v)) => a.concurrency = v.parse().unwrap(),
             ("--seconds", Some(v)) => a.seconds = v.parse().unwrap(),
             ("--rounds", Some(v)) => a.rounds = v.parse().unwrap(),
-            _ => panic!("usage: limiter [--concurrency C] [--seconds S] [--rounds R]"),
+            ("--cluster", Some(v)) => a.cluster = Some(v.clone()),
+            _ => panic!("usage: limiter [--concurrency C] [--seconds S] [--rounds R] [--cluster URLS]"),
         }
     }
     a
@@ -68,8 +76,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// `concurrency` tasks deciding for one user as fast as they can for `seconds`.
-async fn kiln(limiter: Arc<Limiter>, concurrency: usize, seconds: f64) -> Sample {
+/// `concurrency` tasks deciding as fast as they can for `seconds`, for one user or, with `users`
+/// above 1, in turn for that many.
+async fn kiln(limiter: Arc<Limiter>, concurrency: usize, seconds: f64, users: usize) -> Sample {
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -81,7 +90,12 @@ async fn kiln(limiter: Arc<Limiter>, concurrency: usize, seconds: f64) -> Sample
             while Instant::now() < until {
                 let lease = format!("t{t}-{i}");
                 let t0 = Instant::now();
-                let decision = limiter.decide("bench-user", 1, &lease).await;
+                let user = if users > 1 {
+                    format!("bench-user-{}", (i as usize * concurrency + t) % users)
+                } else {
+                    "bench-user".to_owned()
+                };
+                let decision = limiter.decide(&user, 1, &lease).await;
                 latencies.push(t0.elapsed());
                 assert!(matches!(decision, Decision::Admitted { .. }), "{decision:?}");
                 assert!(limiter.redis_healthy(), "Redis must answer every decision");
@@ -174,10 +188,32 @@ fn main() {
         tier.max_in_flight.to_string(),
     ]);
 
-    rt.block_on(kiln(Arc::clone(&limiter), args.concurrency, 1.0)); // warm-up
+    // The same settings on the cluster (its own key prefix: this run's keys are removed after).
+    let cluster = args.cluster.as_ref().map(|urls| {
+        let settings = RateLimitSettings {
+            redis_mode: RedisMode::Cluster,
+            redis_url: urls.clone().into(),
+            ..settings.clone()
+        };
+        Arc::new(rt.block_on(async { Limiter::new(settings) }).unwrap())
+    });
+    const USERS: usize = 64;
+
+    rt.block_on(kiln(Arc::clone(&limiter), args.concurrency, 1.0, 1)); // warm-up
+    if let Some(cluster) = &cluster {
+        rt.block_on(kiln(Arc::clone(cluster), args.concurrency, 1.0, USERS));
+    }
     let (mut ours, mut ceiling, mut ping) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut single_spread, mut cluster_spread) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
-        let k = rt.block_on(kiln(Arc::clone(&limiter), args.concurrency, args.seconds));
+        if let Some(cluster) = &cluster {
+            let one = rt.block_on(kiln(Arc::clone(&limiter), args.concurrency, args.seconds, USERS));
+            let many = rt.block_on(kiln(Arc::clone(cluster), args.concurrency, args.seconds, USERS));
+            eprintln!("{USERS} users: single Redis {one:?} | Redis Cluster {many:?}");
+            single_spread.push(one);
+            cluster_spread.push(many);
+        }
+        let k = rt.block_on(kiln(Arc::clone(&limiter), args.concurrency, args.seconds, 1));
         let requests = (k.per_second * args.seconds) as u64;
         ours.push(k);
         ceiling.push(redis_benchmark(args.concurrency, requests, &evalsha));
@@ -195,6 +231,9 @@ fn main() {
         .arg(format!("{}:*", settings.key_prefix))
         .query(&mut connection)
         .unwrap();
+    if let Some(cluster) = &cluster {
+        rt.block_on(cluster.redis().delete_all()).unwrap();
+    }
 
     let row = |name: &str, s: &[Sample]| {
         println!(
@@ -219,4 +258,16 @@ fn main() {
         mean(&ours, |x| x.p50_ms) - mean(&ceiling, |x| x.p50_ms),
         mean(&ours, |x| x.p99_ms) - mean(&ceiling, |x| x.p99_ms)
     );
+    if cluster.is_some() {
+        println!("\n{USERS} users in turn, same concurrency:\n");
+        println!("| path | decisions/s | p50 ms | p99 ms |");
+        println!("| --- | --- | --- | --- |");
+        row("kiln `Limiter::decide`, single Redis", &single_spread);
+        row("kiln `Limiter::decide`, Redis Cluster (3 masters + 3 replicas)", &cluster_spread);
+        println!(
+            "\ncluster ÷ single: **{:.3}** decisions/s; p99 {:+.3} ms",
+            mean(&cluster_spread, |x| x.per_second) / mean(&single_spread, |x| x.per_second),
+            mean(&cluster_spread, |x| x.p99_ms) - mean(&single_spread, |x| x.p99_ms)
+        );
+    }
 }
