@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::rate_limit::{Limiter, RedisDown};
+use crate::rate_limit::{Limiter, RedisDown, RedisMode};
 
 /// Where the broker session stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +172,10 @@ impl Health {
         };
         let rate_limit = match &self.limiter {
             None => pass("rate limits are off (rate_limit.enabled = false)"),
-            Some(limiter) if limiter.redis_healthy() => pass("no Redis failure at the last decision"),
+            Some(limiter) if limiter.redis_healthy() => pass(match limiter.settings().redis_mode {
+                RedisMode::Single => "no Redis failure at the last decision",
+                RedisMode::Cluster => "no Redis Cluster failure at the last decision",
+            }),
             Some(limiter) => pass(match limiter.settings().redis_down {
                 RedisDown::FailOpen => "Redis unreachable: fail_open, each worker limits on its own",
                 RedisDown::FailClosed => "Redis unreachable: fail_closed, requests are deferred until it answers",

@@ -464,3 +464,31 @@ async fn redis_cluster_a_master_killed_under_load_fails_over_and_limits_hold() {
         spent.unavailable
     );
 }
+
+#[tokio::test]
+async fn redis_cluster_a_worker_started_before_its_cluster_applies_the_policy_then_uses_the_cluster() {
+    // Nothing listens on the cluster's ports yet.
+    let urls = "redis://127.0.0.1:7101/,redis://127.0.0.1:7102/,redis://127.0.0.1:7103/";
+    let s = RateLimitSettings {
+        redis_mode: RedisMode::Cluster,
+        redis_url: urls.to_owned().into(),
+        redis_down: RedisDown::FailClosed,
+        redis_retry_ms: 100,
+        key_prefix: format!("kiln-test-{}", uuid::Uuid::new_v4().simple()),
+        ..Default::default()
+    };
+    let limiter = Limiter::new(s).expect("a cluster that is not there yet is not a startup error");
+    let before = limiter.decide("early-user", 1, "early-1").await;
+    assert!(matches!(before, Decision::Unavailable { .. }), "{before:?}");
+    assert!(!limiter.redis_healthy());
+
+    let _cluster = RedisCluster::start();
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut answer = before;
+    while !matches!(answer, Decision::Admitted { .. }) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        answer = limiter.decide("early-user", 1, &uuid::Uuid::new_v4().to_string()).await;
+    }
+    assert!(matches!(answer, Decision::Admitted { .. }), "{answer:?}");
+    assert!(limiter.redis_healthy());
+}
