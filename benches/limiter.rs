@@ -168,11 +168,12 @@ fn main() {
     let mut evalsha: Vec<String> = vec![
         "EVALSHA".into(),
         sha,
-        "4".into(),
+        "5".into(),
         keys.tier,
         keys.gcra,
         keys.quota,
         keys.leases,
+        UserKeys::charged(&settings.key_prefix, "rb-user", "lease:__rand_int__"),
     ];
     evalsha.extend([
         now.to_string(),
@@ -181,6 +182,7 @@ fn main() {
         settings.lease_ttl_ms.to_string(),
         kiln::rate_limit::redis::ms_to_day_end(now).to_string(),
         "bench".into(),
+        (settings.request_record_ttl_secs * 1000).to_string(),
         "bench".into(),
         format!("{}", tier.interval_ms()),
         tier.burst.to_string(),
@@ -263,7 +265,10 @@ fn main() {
         println!("| path | decisions/s | p50 ms | p99 ms |");
         println!("| --- | --- | --- | --- |");
         row("kiln `Limiter::decide`, single Redis", &single_spread);
-        row("kiln `Limiter::decide`, Redis Cluster (3 masters + 3 replicas)", &cluster_spread);
+        row(
+            "kiln `Limiter::decide`, Redis Cluster (3 masters + 3 replicas)",
+            &cluster_spread,
+        );
         println!(
             "\ncluster ÷ single: **{:.3}** decisions/s; p99 {:+.3} ms",
             mean(&cluster_spread, |x| x.per_second) / mean(&single_spread, |x| x.per_second),

@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 pub use crate::amqp::settings::{AmqpSettings, BackoffSettings, TopologySettings};
 use crate::amqp::Topology;
+pub use crate::auth::{AuthSettings, KeySettings, Policy as AuthPolicy};
 pub use crate::cancel::CancelSettings;
 pub use crate::inference::settings::{
     ArenaExtendStrategy, BatchingSettings, ConvAlgorithmSearch, CudaSettings, ExecutionProviderKind, Fallback,
@@ -47,6 +48,8 @@ pub struct Settings {
     pub limits: RequestLimits,
     /// Per-user rate limits and quotas by tier (Redis).
     pub rate_limit: RateLimitSettings,
+    /// Signed requests: the policy, and the producers' keys.
+    pub auth: AuthSettings,
     /// This worker's identity and shutdown behaviour.
     pub worker: WorkerSettings,
     /// Cancels from producers (the `<prefix>.cancel` exchange).
@@ -101,8 +104,12 @@ impl Settings {
     /// The checks across fields that types cannot make. Called once, by what consumes the settings
     /// (`Application::build`, `kiln limits`), so settings made in code are checked too.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.amqp.validate().context("invalid amqp settings")?;
         self.rate_limit.validate().context("invalid rate_limit settings")?;
-        self.cancel.validate().context("invalid cancel settings")
+        self.cancel.validate().context("invalid cancel settings")?;
+        let topology = self.topology();
+        let queues: Vec<&str> = topology.request_queues.iter().map(|q| q.name.as_str()).collect();
+        self.auth.validate(&queues).context("invalid auth settings")
     }
 
     /// The broker's names for these settings: the shared request queue, and one per tier unless

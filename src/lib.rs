@@ -6,7 +6,10 @@
 //!  RabbitMQ <prefix>.requests.<tier> ──► amqp::consume::Consumers (qos per queue, a task per delivery)
 //!        │                                  │
 //!        │   worker::Worker::handle         ▼  one delivery's journey, a file per step:
-//!        │     1. worker::incoming    parse once (domain::GenerationRequest), wait, tier, deferrals
+//!        │     1. worker::incoming    a signed request's signature (auth) before the body is read;
+//!        │                            parse once (domain::GenerationRequest), wait, tier, deferrals;
+//!        │                            a replayed signature is acked unanswered (auth::replay, Redis);
+//!        │                            worker::outcome: answered already? ack it, nothing else
 //!        │     2. worker::admission   deadline, overload policy (scheduling), limits (rate_limit, Redis)
 //!        │          └─ worker::defer  over a `defer` limit: copy to a delay queue, `deferred` notice
 //!        │     3. worker::render      prepare (cpu_pool) ─► inference::InferenceHandle::infer
@@ -17,7 +20,8 @@
 //!        │                                 between steps ─► finish + PNG (cpu_pool)
 //!        │                              (worker::watch meanwhile: `progress` notices; a reply queue
 //!        │                               that went away or a cancel stops it before its next step)
-//!        │     4. worker::reply       amqp::ReplyPublisher::publish (mandatory, publisher confirm)
+//!        │     4. worker::reply       amqp::ReplyPublisher::publish (mandatory, publisher confirm),
+//!        │                            then worker::outcome records it in Redis (exactly-once effects)
 //!        ◄──── 5. worker::settle      the one table: every ending → ack / dead-letter / requeue
 //! ```
 //!
@@ -46,6 +50,8 @@
 //! - [`amqp`]: connection with backoff, topology (tier queues, delay queues, the cancel exchange),
 //!   consuming, confirmed reply publishing, whether a reply queue still exists, hearing cancels
 //!   ([`amqp::cancel`]).
+//! - [`auth`]: signed requests: the `kiln-signature` header (HMAC-SHA256 of the body and the
+//!   properties that route it), producers' keys and what each may speak for, replay records.
 //! - [`cancel`]: stop flags for requests in flight, and the cancels this worker heard (remembered
 //!   `cancel.remember_secs`).
 //! - [`worker`]: one delivery from arrival to ack (the five steps above).
@@ -58,6 +64,8 @@
 //! - [`imaging`]: decoding untrusted images, resizing, tensors, PNG.
 //! - [`cpu_pool`]: the lower-priority threads for image work around inference, by tier class.
 //! - [`startup`] (assembles the parts), [`shutdown`], [`telemetry`]: process lifecycle.
+//! - [`tls`]: the CA and client-certificate files of `amqps://` and `rediss://` connections, and
+//!   telling a failed handshake (a startup error) from an unreachable server.
 //! - [`observability`]: `/metrics`, `/healthz`, `/readyz`, the fleet heartbeat; [`metrics`] (every
 //!   Prometheus metric, declared once in a table), [`gpu`] (NVML), [`trace_context`] (W3C
 //!   `traceparent` from requests to replies).
@@ -66,6 +74,7 @@
 //!   `cancel`, `bench`, `models`, `limits`) lives in the binary.
 
 pub mod amqp;
+pub mod auth;
 pub mod cancel;
 pub mod configuration;
 pub mod cpu_pool;
@@ -82,5 +91,6 @@ pub mod shutdown;
 pub mod startup;
 pub mod submit;
 pub mod telemetry;
+pub mod tls;
 pub mod trace_context;
 pub mod worker;

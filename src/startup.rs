@@ -1,12 +1,13 @@
 //! Building the application (models first, then the broker) and running it until shutdown.
 //!
 //! `Application::build` loads ONNX Runtime and every model before touching the broker, so a bad
-//! model, library or GPU fails fast with a clear error. `run_until_stopped` then connects (retrying
-//! while the broker is unreachable), declares the topology, consumes, and on a lost connection
-//! reconnects; unacknowledged requests of the lost connection are redelivered by the broker. With
-//! several nodes in `amqp.url` it tries the node after the lost one first; a session on another
-//! node than the last is a failover, which `/readyz`, the heartbeat and the metrics report
-//! (`observability::Health::set_consuming_on`).
+//! model, library or GPU fails fast with a clear error (and so do unreadable `[amqp.tls]` files).
+//! `run_until_stopped` checks a `rediss://` Redis's certificate (`RedisLimiter::check_tls`), then
+//! connects (retrying while the broker is unreachable, not when its TLS handshake fails), declares
+//! the topology, consumes, and on a lost connection reconnects; unacknowledged requests of the lost
+//! connection are redelivered by the broker. With several nodes in `amqp.url` it tries the node
+//! after the lost one first; a session on another node than the last is a failover, which
+//! `/readyz`, the heartbeat and the metrics report (`observability::Health::set_consuming_on`).
 //!
 //! Each session also listens on the cancel exchange (`amqp::cancel`) on a queue of its own, which
 //! lives with the connection: a reconnecting session binds a new one. The cancels heard go to the
@@ -21,10 +22,11 @@ use lapin::message::Delivery;
 use lapin::Connection;
 use secrecy::ExposeSecret;
 
-use crate::amqp::connect::{broker_urls, connect_with_retry, node_address};
+use crate::amqp::connect::{broker_urls, connect_with_retry, node_address, Broker};
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
 use crate::amqp::{CancelListener, Consumers, ReplyQueues, SessionEnd};
+use crate::auth::Authenticator;
 use crate::cancel::Cancellations;
 use crate::configuration::Settings;
 use crate::cpu_pool::CpuPool;
@@ -37,6 +39,7 @@ use crate::worker::{Services, Worker};
 /// A worker process: models loaded, ready to connect.
 pub struct Application {
     settings: Settings,
+    broker: Broker,
     engine: InferenceEngine,
     services: Services,
     started: Instant,
@@ -49,6 +52,7 @@ impl Application {
         let started = Instant::now();
         // Settings errors first: they are the cheapest to find and the most common.
         settings.validate()?;
+        let broker = Broker::new(&settings.amqp)?;
         let tiers: Vec<&str> = settings.rate_limit.tiers.keys().map(String::as_str).collect();
         let schedule = Arc::new(
             Schedule::new(&settings.scheduling, &tiers, &settings.rate_limit.default_tier)
@@ -63,6 +67,10 @@ impl Application {
             true => Some(Arc::new(Limiter::new(settings.rate_limit.clone())?)),
             false => None,
         };
+        // Signed requests' replay records share the limiter's Redis connection when there is one.
+        let redis = limiter.as_ref().map(|l| l.redis().clone());
+        let auth =
+            Arc::new(Authenticator::new(&settings.auth, &settings.rate_limit, redis).context("invalid auth settings")?);
         let services = Services {
             registry,
             inference: engine.handle(),
@@ -74,6 +82,7 @@ impl Application {
             limits: settings.limits.clone(),
             faults: settings.faults.clone(),
             cancellations: Cancellations::new(settings.cancel.remember()),
+            auth,
         };
         let observability = Observability::build(
             ObservabilitySettings {
@@ -87,12 +96,13 @@ impl Application {
                 provider: engine.handle().provider(),
                 limiter: services.limiter.clone(),
                 topology: &services.topology,
-                broker_url: &settings.amqp.url,
+                broker: &broker,
                 warmed: settings.models.warmup,
             },
         )?;
         Ok(Self {
             settings,
+            broker,
             engine,
             services,
             started,
@@ -123,6 +133,11 @@ impl Application {
     /// Serve until `shutdown` resolves; then stop consuming, finish what is in flight (within the
     /// grace period), and return.
     pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        // A Redis whose certificate cannot be verified (or that refuses ours) never heals: say so
+        // now, rather than serve under the outage policy for good. An unreachable one may come later.
+        if let Some(limiter) = &self.services.limiter {
+            limiter.redis().check_tls().await?;
+        }
         let observers = self.observability.start();
         let mut shutdown = std::pin::pin!(self.observability.watch_shutdown(shutdown));
         let amqp = &self.settings.amqp;
@@ -131,7 +146,7 @@ impl Application {
         let mut node = None;
         loop {
             let connection = tokio::select! {
-                c = connect_with_retry(&amqp.url, &amqp.reconnect, &connection_name, node) => c?,
+                c = connect_with_retry(&self.broker, &amqp.reconnect, &connection_name, node) => c?,
                 () = &mut shutdown => return Ok(()),
             };
             let (connection, index) = connection;

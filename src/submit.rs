@@ -11,6 +11,10 @@
 //!
 //! [`Producer::cancel`] asks every worker to stop a request (`kiln cancel`): a cancel message on
 //! the fanout exchange `<prefix>.cancel`, the prefix taken from the request queue's name.
+//!
+//! A producer given a key ([`Producer::sign_with`]) signs every request it publishes: a
+//! `kiln-signature` header over the body, the queue, `reply_to` and `correlation_id`
+//! ([`crate::auth::signature`]; docs/contract.md, *Signed requests*).
 
 use std::time::Duration;
 
@@ -19,10 +23,12 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
+use crate::amqp::connect::Broker;
 use crate::amqp::publisher::REPLY_HEADER;
 use crate::amqp::topology::{cancel_exchange, Topology};
+use crate::auth::{Covered, Signer};
 use crate::domain::cancel::CANCEL_TYPE;
 use crate::domain::{Cancel, CancelDocument, ReplyDocument, RequestDocument, WireImage, WireParams, CONTRACT_VERSION};
 
@@ -35,6 +41,9 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// The reply's correlation id.
     pub correlation_id: Option<String>,
+    /// The reply's `message_id`: `final:<request_id>` on every copy of a final reply (drop one
+    /// already seen), a fresh one on notices.
+    pub message_id: Option<String>,
     /// All of the reply's headers (`kiln-reply`, `kiln-status`, `x-ratelimit-*`, `retry-after`).
     pub headers: FieldTable,
     /// When this producer received it.
@@ -79,6 +88,8 @@ pub struct Sender {
     requests_queue: String,
     /// `<prefix>.cancel`, when the request queue's name has a kiln prefix.
     cancel_exchange: Option<String>,
+    /// Signs each request, when set.
+    signer: Option<Signer>,
 }
 
 /// The receiving half of a [`Producer`]: every reply to its requests, in arrival order.
@@ -94,20 +105,22 @@ pub struct Closer {
 }
 
 impl Producer {
-    /// Connect, and declare a private reply queue. Requests go to `requests_queue`.
-    pub async fn connect(url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
-        Self::connect_as("kiln producer", url, requests_queue).await
+    /// Connect, and declare a private reply queue. Requests go to `requests_queue`. `broker` is a
+    /// [`Broker`] (`Broker::new(&settings.amqp)`, with its TLS files) or a URL alone.
+    pub async fn connect(broker: impl Into<Broker>, requests_queue: &str) -> anyhow::Result<Self> {
+        Self::connect_as("kiln producer", broker, requests_queue).await
     }
 
     /// [`Producer::connect`], with the connection named `name` on the broker.
-    pub async fn connect_as(name: &str, url: &SecretString, requests_queue: &str) -> anyhow::Result<Self> {
+    pub async fn connect_as(name: &str, broker: impl Into<Broker>, requests_queue: &str) -> anyhow::Result<Self> {
+        let broker = broker.into();
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let (connection, _) = crate::amqp::connect::connect_any(url, &properties, None)
+        let (connection, _) = crate::amqp::connect::connect_any(&broker, &properties, None)
             .await
             .with_context(|| {
                 format!(
                     "cannot connect to {}",
-                    crate::amqp::connect::redact(url.expose_secret())
+                    crate::amqp::connect::redact(broker.url().expose_secret())
                 )
             })?;
         let channel = connection.create_channel().await?;
@@ -120,6 +133,7 @@ impl Producer {
                 reply_queue,
                 requests_queue: requests_queue.to_owned(),
                 cancel_exchange: Topology::prefix_of_request_queue(requests_queue).map(cancel_exchange),
+                signer: None,
             },
             replies: Replies { consumer },
         })
@@ -128,6 +142,11 @@ impl Producer {
     /// The publishing half.
     pub fn sender(&self) -> &Sender {
         &self.sender
+    }
+
+    /// Sign every request from now on with `signer` (a key the workers hold).
+    pub fn sign_with(&mut self, signer: Signer) {
+        self.sender.signer = Some(signer);
     }
 
     /// Publish a request (persistent, confirmed); its reply comes back to this producer.
@@ -336,16 +355,34 @@ impl Sender {
         &self.channel
     }
 
+    /// The private queue its replies come to (each request's `reply_to`).
+    pub fn reply_queue(&self) -> &str {
+        &self.reply_queue
+    }
+
     async fn publish(&self, queue: &str, body: &[u8], correlation_id: &str) -> anyhow::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let properties = BasicProperties::default()
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_reply_to(self.reply_queue.as_str().into())
             .with_correlation_id(correlation_id.into())
-            .with_timestamp(now);
+            .with_timestamp(now.as_secs());
+        if let Some(signer) = &self.signer {
+            let covered = Covered {
+                queue,
+                reply_to: &self.reply_queue,
+                correlation_id,
+                body,
+            };
+            let signature = signer.sign(i64::try_from(now.as_millis())?, &covered)?;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                crate::auth::HEADER.into(),
+                AMQPValue::LongString(signature.value().into()),
+            );
+            properties = properties.with_headers(headers);
+        }
         let confirmation = self
             .channel
             .basic_publish(
@@ -390,6 +427,7 @@ impl Replies {
             document,
             body: delivery.data,
             correlation_id: delivery.properties.correlation_id().as_ref().map(ToString::to_string),
+            message_id: delivery.properties.message_id().as_ref().map(ToString::to_string),
             headers,
             received_at: std::time::Instant::now(),
         }))

@@ -98,6 +98,15 @@ or exits 4 when no worker is listening:
 
     .venv/bin/python examples/python/producer.py --cancel 3f1c2a9e-6d7b-4d8e-9a51-2f0c7b1e5d44 --reason "user left"
 
+Signed requests (docs/contract.md, "Signed requests"): with --key-id and the key's secret in
+--key-secret-file or the environment variable KILN_KEY_SECRET, each request carries a
+`kiln-signature` header, HMAC-SHA256 over the body, the queue, reply_to and correlation_id
+(`signature_header` below is the whole algorithm). Workers whose auth.policy is `required` answer
+an unsigned or wrongly signed request with the error `unauthenticated`:
+
+    KILN_KEY_SECRET=$(cat acme.secret) .venv/bin/python examples/python/producer.py --key-id acme \
+        --user acme:42 --style 7 photo.jpg -o styled.png
+
 Exit status: 0 ok; 2 the worker answered with an error (argparse also exits 2 on a usage error,
 printing nothing on stdout); 3 no final reply within --timeout; 4 the broker did not take the request
 (no such queue, or it nacked it); 1 anything else (cannot connect, cannot read the image, a reply
@@ -112,7 +121,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import hmac
 import json
+import os
 import struct
 import sys
 import time
@@ -217,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reason", help="with --cancel: why, for the workers' logs")
     parser.add_argument("--cancel-exchange", default="kiln.cancel",
                         help="the cancel exchange (default: %(default)s)")
+    parser.add_argument("--key-id", help="sign each request with this key id (its secret from --key-secret-file "
+                        "or KILN_KEY_SECRET)")
+    parser.add_argument("--key-secret-file", type=Path, help="file holding the key's secret (one trailing newline "
+                        "is ignored)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for the final reply, deferrals included; per step of an edit "
                         "chain (default: %(default)s)")
@@ -288,14 +304,62 @@ def build_request(args: argparse.Namespace, now: datetime, image: dict[str, str]
     return request
 
 
-def publish(channel, queue: str, body: bytes, reply_to: str, correlation_id: str) -> None:
-    """Publish persistently with mandatory=True and wait for the broker's confirm."""
+def signature_header(key_id: str, secret: bytes, queue: str, reply_to: str, correlation_id: str, body: bytes,
+                     timestamp_ms: int | None = None) -> str:
+    """The `kiln-signature` header of a request (docs/contract.md, "Signed requests").
+
+    HMAC-SHA256, keyed with the secret's bytes, of seven lines joined by line feeds: the scheme
+    `kiln-sig-v1`, the key id, the time in Unix milliseconds, the queue the request is published
+    to, its reply_to and correlation_id (empty strings when absent), and the SHA-256 of the body
+    in lowercase hex. Sign the exact bytes you publish; none of the fields may hold a line feed.
+    """
+    if timestamp_ms is None:
+        timestamp_ms = time.time_ns() // 1_000_000
+    fields = ["kiln-sig-v1", key_id, str(timestamp_ms), queue, reply_to, correlation_id,
+              hashlib.sha256(body).hexdigest()]
+    if any("\n" in field for field in fields):
+        raise Failure("a signed request's key id, queue, reply_to and correlation_id may not hold a line feed")
+    mac = hmac.new(secret, "\n".join(fields).encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"v1;kid={key_id};ts={timestamp_ms};sig={mac}"
+
+
+def key_secret(args: argparse.Namespace) -> bytes | None:
+    """The signing key's secret, from --key-secret-file or KILN_KEY_SECRET; None without --key-id."""
+    if args.key_id is None:
+        return None
+    if args.key_secret_file is not None:
+        try:
+            text = args.key_secret_file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise Failure(f"cannot read {args.key_secret_file}: {error.strerror or error}") from error
+        return text.removesuffix("\n").removesuffix("\r").encode("utf-8")
+    secret = os.environ.get("KILN_KEY_SECRET")
+    if not secret:
+        raise Failure("--key-id needs the key's secret: --key-secret-file or KILN_KEY_SECRET")
+    return secret.encode("utf-8")
+
+
+def signing(args: argparse.Namespace) -> tuple[str, bytes] | None:
+    """(key id, secret) to sign requests with, or None to send them unsigned."""
+    secret = key_secret(args)
+    return None if secret is None else (args.key_id, secret)
+
+
+def publish(channel, queue: str, body: bytes, reply_to: str, correlation_id: str,
+            signing: tuple[str, bytes] | None = None) -> None:
+    """Publish persistently with mandatory=True and wait for the broker's confirm; signed with
+    `signing` = (key id, secret) when given."""
+    headers = None
+    if signing is not None:
+        key_id, secret = signing
+        headers = {"kiln-signature": signature_header(key_id, secret, queue, reply_to, correlation_id, body)}
     properties = pika.BasicProperties(
         content_type="application/json",
         delivery_mode=pika.DeliveryMode.Persistent,
         reply_to=reply_to,
         correlation_id=correlation_id,
         timestamp=int(time.time()),
+        headers=headers,
     )
     try:
         channel.basic_publish(exchange="", routing_key=queue, body=body, properties=properties, mandatory=True)
@@ -418,9 +482,11 @@ def error_summary(document: dict) -> dict:
 
 
 class Session:
-    """One connection, one channel with publisher confirms, and one exclusive reply queue."""
+    """One connection, one channel with publisher confirms, and one exclusive reply queue;
+    `signing` = (key id, secret) signs every request."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, signing: tuple[str, bytes] | None = None):
+        self.signing = signing
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             self.channel = self.connection.channel()
@@ -435,7 +501,7 @@ class Session:
         """Publish `request` and wait for its final reply: (body, document)."""
         body = json.dumps(request, separators=(",", ":")).encode("utf-8")
         correlation_id = str(uuid.uuid4())
-        publish(self.channel, queue, body, self.reply_queue, correlation_id)
+        publish(self.channel, queue, body, self.reply_queue, correlation_id, self.signing)
         _, reply_body, document = wait_for_reply(self.channel, self.reply_queue, correlation_id, timeout)
         return reply_body, document
 
@@ -472,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     image = encoded_file(args.image) if args.image is not None else None
     request = build_request(args, datetime.now(timezone.utc), image, request_id=args.request_id)
 
-    session = Session(args.url)
+    session = Session(args.url, signing(args))
     try:
         reply_body, document = session.ask(args.queue, request, args.timeout)
     finally:
@@ -491,7 +557,7 @@ def run_edit_chain(args: argparse.Namespace) -> int:
     out = default_out(args)
     image = encoded_file(args.image)
     steps: list[dict] = []
-    session = Session(args.url)
+    session = Session(args.url, signing(args))
     try:
         for number, instruction in enumerate(args.edit_chain, start=1):
             overrides = {"task": args.task if args.task is not None else "edit", "prompt": instruction}

@@ -1,11 +1,18 @@
 //! Connecting to the broker, retrying with exponential backoff while it is unreachable.
+//!
+//! [`Broker`] is `amqp.url` with, for `amqps://`, the `[amqp.tls]` files read at startup. A TLS
+//! handshake that fails on a certificate is not an unreachable broker: [`connect_with_retry`] gives
+//! up at once and says which certificate and which setting, since waiting cannot fix it.
 
+use std::fmt;
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::settings::BackoffSettings;
+use super::settings::{AmqpSettings, BackoffSettings};
+use crate::tls;
 
 /// The broker nodes an `amqp.url` names: one URL, or several separated by commas (the nodes of a
 /// RabbitMQ cluster), in the order they are tried.
@@ -13,41 +20,180 @@ pub fn broker_urls(url: &str) -> Vec<&str> {
     url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
-/// Connect to the first node of `url` (see [`broker_urls`]) that answers, starting with the node
-/// after `after` (the one a lost connection was on, so a worker moves to another node), in one
-/// round; `None` when none answered. The node's index comes back with the connection.
+/// Where the broker is and how to reach it: `amqp.url` (one node or a cluster's) and, for
+/// `amqps://` nodes, the CA and client certificate of `[amqp.tls]`, read once.
+#[derive(Clone)]
+pub struct Broker {
+    url: SecretString,
+    tls: OwnedTLSConfig,
+}
+
+impl Broker {
+    /// The broker of these settings: checks them (see [`AmqpSettings::validate`]) and reads the
+    /// TLS files.
+    pub fn new(settings: &AmqpSettings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let material = settings.tls.load("amqp.tls")?;
+        let cert_chain = match material.ca {
+            Some(pem) => {
+                Some(String::from_utf8(pem).map_err(|_| anyhow::anyhow!("amqp.tls.ca_file is not a PEM text file"))?)
+            }
+            None => None,
+        };
+        let identity = material.identity.map(|id| OwnedIdentity::PKCS8 {
+            pem: id.cert,
+            key: id.key,
+        });
+        Ok(Self {
+            url: settings.url.clone(),
+            tls: OwnedTLSConfig { identity, cert_chain },
+        })
+    }
+
+    /// Its URL (it may carry credentials: see [`redact`]).
+    pub fn url(&self) -> &SecretString {
+        &self.url
+    }
+
+    /// The URLs of its nodes, with their secrets.
+    fn nodes(&self) -> Vec<&str> {
+        broker_urls(self.url.expose_secret())
+    }
+}
+
+/// A URL alone: `amqp://`, or `amqps://` with the system's trust store and no client certificate
+/// (producers and tests; the worker and the CLI use [`Broker::new`] and its TLS files).
+impl From<&SecretString> for Broker {
+    fn from(url: &SecretString) -> Self {
+        Self {
+            url: url.clone(),
+            tls: OwnedTLSConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Neither the password nor the client key.
+        f.debug_struct("Broker")
+            .field("url", &redact(self.url.expose_secret()))
+            .field("ca", &self.tls.cert_chain.is_some())
+            .field("client_certificate", &self.tls.identity.is_some())
+            .finish()
+    }
+}
+
+/// Why no node of the broker could be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TLS handshake failed (a certificate, or a port without TLS), or what came back was not
+    /// AMQP (a TLS port behind an `amqp://` URL): retrying cannot help. The message names the
+    /// node, what failed, and the setting to check.
+    #[error("{message}")]
+    Handshake {
+        /// What failed and what to check (lapin's error included).
+        message: String,
+        /// lapin's error.
+        error: lapin::Error,
+    },
+    /// The node did not answer, refused, or closed the connection: it may later.
+    #[error("broker {node}: {source}")]
+    Unreachable {
+        /// The node (no password).
+        node: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl ConnectError {
+    /// Whether waiting cannot help (a certificate, a scheme that does not match the port).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ConnectError::Handshake { .. })
+    }
+
+    fn new(url: &str, error: lapin::Error) -> Self {
+        let node = redact(url);
+        match tls::diagnose(&error) {
+            Some(failure) => ConnectError::Handshake {
+                message: failure.explain(&format!("broker {node}"), "amqp.tls"),
+                error,
+            },
+            // A plain URL for a TLS listener: the broker's answer is a TLS alert, not AMQP.
+            None if is_garbled(&error) => ConnectError::Handshake {
+                message: format!(
+                    "broker {node} did not answer in AMQP ({error}); if that port is a TLS listener, \
+                     the URL must be amqps://"
+                ),
+                error,
+            },
+            None => ConnectError::Unreachable { node, source: error },
+        }
+    }
+}
+
+/// Connect to the first node of `broker` (see [`broker_urls`]) that answers, starting with the
+/// node after `after` (the one a lost connection was on, so a worker moves to another node), in one
+/// round; the last node's error when none answered (a TLS failure rather than an unreachable
+/// node, when there was one). The node's index comes back with the connection.
 pub async fn connect_any(
-    url: &SecretString,
+    broker: &Broker,
     properties: &ConnectionProperties,
     after: Option<usize>,
-) -> Result<(Connection, usize), lapin::Error> {
-    let urls = broker_urls(url.expose_secret());
+) -> Result<(Connection, usize), ConnectError> {
+    let urls = broker.nodes();
     let n = urls.len().max(1);
     let first = after.map_or(0, |i| (i + 1) % n);
-    let mut last_error = None;
+    let mut last_error: Option<ConnectError> = None;
     for k in 0..urls.len() {
         let index = (first + k) % n;
-        match Connection::connect(urls[index], properties.clone()).await {
+        let attempt = async {
+            DefaultConnectionBuilder::new()?
+                .with_uri_str(urls[index].to_owned())
+                .with_properties(properties.clone())
+                .with_tls_config(broker.tls.clone())
+                .connect()
+                .await
+        };
+        match attempt.await {
             Ok(connection) => return Ok((connection, index)),
             Err(error) => {
+                let error = ConnectError::new(urls[index], error);
                 if urls.len() > 1 {
-                    tracing::debug!(%error, node = %redact(urls[index]), "broker node unreachable, trying the next");
+                    tracing::debug!(%error, "broker node unreachable, trying the next");
                 }
-                last_error = Some(error);
+                // Keep the most telling error: a certificate problem over a node that is down.
+                if !last_error
+                    .as_ref()
+                    .is_some_and(|e| e.is_permanent() && !error.is_permanent())
+                {
+                    last_error = Some(error);
+                }
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))
+    Err(last_error.unwrap_or_else(|| ConnectError::Unreachable {
+        node: String::new(),
+        source: lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)),
     }))
 }
 
+/// Whether lapin could not parse what the broker sent: at connection start, a TLS listener's alert.
+fn is_garbled(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_)
+    )
+}
+
 /// Connect, retrying with exponential backoff (and saying so in the log) until a node of the broker
-/// answers or `max_attempts` rounds are spent. Each round tries every node `url` names (a cluster's
-/// nodes, comma-separated), starting after `after` (the node a lost connection was on). `name`
-/// shows in the broker's management UI. Returns the connection and the index of its node.
+/// answers or `max_attempts` rounds are spent. Each round tries every node `broker` names (a
+/// cluster's nodes, comma-separated), starting after `after` (the node a lost connection was on).
+/// A failed TLS handshake ends it at once (see [`ConnectError::Handshake`]). `name` shows in the
+/// broker's management UI. Returns the connection and the index of its node.
 pub async fn connect_with_retry(
-    url: &SecretString,
+    broker: &Broker,
     backoff: &BackoffSettings,
     name: &str,
     after: Option<usize>,
@@ -55,23 +201,24 @@ pub async fn connect_with_retry(
     let mut delay = Duration::from_millis(backoff.initial_ms.max(1));
     let max_delay = Duration::from_millis(backoff.max_ms.max(backoff.initial_ms));
     let mut attempt: u32 = 1;
-    let nodes = broker_urls(url.expose_secret()).len();
+    let nodes = broker.nodes().len();
     loop {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match connect_any(url, &properties, after).await {
+        match connect_any(broker, &properties, after).await {
             Ok((connection, index)) => {
-                let node = redact(broker_urls(url.expose_secret())[index]);
+                let node = redact(broker.nodes()[index]);
                 if attempt > 1 || after.is_some() || nodes > 1 {
                     tracing::info!(attempt, %node, node_index = index, "connected to the broker");
                 }
                 return Ok((connection, index));
             }
+            Err(error) if error.is_permanent() => return Err(error.into()),
             Err(error) if backoff.max_attempts == 0 || attempt < backoff.max_attempts => {
                 tracing::warn!(
                     %error,
                     attempt,
                     retry_in_ms = delay.as_millis() as u64,
-                    broker = %redact(url.expose_secret()),
+                    broker = %redact(broker.url.expose_secret()),
                     "broker unreachable, retrying"
                 );
                 tokio::time::sleep(delay).await;
@@ -79,10 +226,7 @@ pub async fn connect_with_retry(
                 attempt += 1;
             }
             Err(error) => {
-                anyhow::bail!(
-                    "broker {} unreachable after {attempt} attempts: {error}",
-                    redact(url.expose_secret())
-                )
+                anyhow::bail!("broker unreachable after {attempt} attempts ({error})")
             }
         }
     }

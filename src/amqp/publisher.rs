@@ -29,6 +29,9 @@ pub struct OutgoingReply {
     pub document: ReplyDocument,
     /// The PNG (success) or the document again (error).
     pub body: Vec<u8>,
+    /// The AMQP `message_id`: `final:<request_id>` for a final reply (the same on every copy of
+    /// it, so a producer can drop a second one); `None`: a fresh one.
+    pub message_id: Option<String>,
 }
 
 /// What the broker did with a reply.
@@ -109,7 +112,13 @@ impl ReplyPublisher {
             .with_content_type(content_type.into())
             .with_delivery_mode(2)
             .with_correlation_id(reply.correlation_id.as_str().into())
-            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_message_id(
+                reply
+                    .message_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+                    .into(),
+            )
             .with_type(REPLY_TYPE.into())
             .with_timestamp(unix_seconds())
             .with_headers(headers);
@@ -122,7 +131,8 @@ impl ReplyPublisher {
     }
 
     /// Put a copy of a request in a delay queue (body and properties unchanged, the deferral count
-    /// in the `x-kiln-deferrals` header, the queue it returns to in `kiln-queue`), confirmed. The original may be acked once this returns
+    /// in the `x-kiln-deferrals` header, the queue it returns to in `kiln-queue`, and `signature`,
+    /// when given, as its new `kiln-signature`), confirmed. The original may be acked once this returns
     /// [`PublishOutcome::Confirmed`].
     pub async fn defer(
         &self,
@@ -130,10 +140,14 @@ impl ReplyPublisher {
         delay_queue: &str,
         count: u32,
         return_queue: &str,
+        signature: Option<String>,
     ) -> lapin::Result<PublishOutcome> {
         let original = &request.properties;
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongUInt(count));
+        if let Some(signature) = signature {
+            headers.insert(crate::auth::HEADER.into(), long_string(signature));
+        }
         // Where the broker sends it back when its wait is over (see `amqp::topology`).
         headers.insert(RETURN_QUEUE_HEADER.into(), long_string(return_queue));
         // A fresh set of properties: not the producer's `expiration` (the copy would leave the

@@ -1,7 +1,9 @@
 //! The `[amqp]` settings: the broker connection, the topology's names and arguments, reconnecting.
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+
+use crate::tls::TlsFiles;
 
 /// The broker.
 #[derive(Debug, Clone, Deserialize)]
@@ -19,6 +21,9 @@ pub struct AmqpSettings {
     pub topology: TopologySettings,
     /// How startup and reconnection retry an unreachable broker.
     pub reconnect: BackoffSettings,
+    /// CA and client certificate for `amqps://` URLs (`[amqp.tls]`); unset, the system's trust
+    /// store and no client certificate.
+    pub tls: TlsFiles,
 }
 
 impl Default for AmqpSettings {
@@ -28,7 +33,17 @@ impl Default for AmqpSettings {
             prefetch: 16,
             topology: TopologySettings::default(),
             reconnect: BackoffSettings::default(),
+            tls: TlsFiles::default(),
         }
+    }
+}
+
+impl AmqpSettings {
+    /// Refuse TLS files with a plain `amqp://` node, and files that cannot be read or parsed.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let urls = super::connect::broker_urls(self.url.expose_secret());
+        anyhow::ensure!(!urls.is_empty(), "amqp.url is empty");
+        self.tls.check("amqp.tls", "amqp.url", &urls, "amqps")
     }
 }
 

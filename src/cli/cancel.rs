@@ -2,6 +2,7 @@
 
 use anyhow::bail;
 
+use kiln::amqp::connect::Broker;
 use kiln::amqp::Topology;
 use kiln::configuration::Settings;
 use kiln::submit::Producer;
@@ -19,7 +20,7 @@ pub struct CancelArgs {
 /// Publish the cancel on `<prefix>.cancel`; fail when no worker is listening.
 pub async fn run(args: CancelArgs, settings: &Settings) -> anyhow::Result<()> {
     let topology = Topology::new(&settings.amqp.topology);
-    let producer = Producer::connect(&settings.amqp.url, &topology.requests).await?;
+    let producer = Producer::connect(Broker::new(&settings.amqp)?, &topology.requests).await?;
     let heard = producer.cancel(&args.request_id, args.reason.as_deref()).await;
     producer.close().await;
     if !heard? {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use kiln::amqp::connect::Broker;
 use kiln::amqp::Topology;
 use kiln::configuration::Settings;
 use kiln::domain::{ReplyDocument, ReplyStatus, WireImage, WireParams, WireStyle};
@@ -80,6 +81,10 @@ pub struct SubmitArgs {
     /// Send to this tier's request queue (`<prefix>.requests.<tier>`) instead of the shared one.
     #[arg(long)]
     pub tier: Option<String>,
+    /// Sign the request with this key of the settings' `[auth.keys.<id>]` (its secret from there,
+    /// or from `KILN_AUTH__KEYS__<ID>__SECRET`).
+    #[arg(long)]
+    pub key_id: Option<String>,
     /// Where to write the PNG (default: next to the photo, `<name>.kiln.png`; `kiln-<seed>.png`
     /// for a prompt alone).
     #[arg(long, short)]
@@ -139,7 +144,21 @@ pub async fn run(args: SubmitArgs, settings: &Settings) -> anyhow::Result<()> {
         Some(tier) => topology.tier_queue(tier),
         None => topology.requests,
     };
-    let mut producer = Producer::connect(&settings.amqp.url, &queue).await?;
+    let signer = match &args.key_id {
+        Some(id) => {
+            let key = settings
+                .auth
+                .keys
+                .get(id)
+                .with_context(|| format!("no key {id:?} in [auth.keys]"))?;
+            Some(kiln::auth::Signer::new(id.as_str(), key.load_secret(id)?))
+        }
+        None => None,
+    };
+    let mut producer = Producer::connect(Broker::new(&settings.amqp)?, &queue).await?;
+    if let Some(signer) = signer {
+        producer.sign_with(signer);
+    }
     let reply = async {
         producer.send(&request).await?;
         // The id to give `kiln cancel` while the reply is awaited.

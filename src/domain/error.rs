@@ -46,6 +46,12 @@ pub enum ErrorCode {
     Internal,
     /// Its producer cancelled it (a message on the cancel exchange) before it finished.
     Cancelled,
+    /// Its `request_id` was already answered for a request with another body (ids must be unique
+    /// per request; the same request again is acked without a second reply).
+    DuplicateRequestId,
+    /// A signed request whose signature is missing (policy `required`), wrong, stale, replayed, or
+    /// made with a key that may not speak for its user or queue (docs/contract.md, *Signed requests*).
+    Unauthenticated,
 }
 
 impl ErrorCode {
@@ -70,6 +76,8 @@ impl ErrorCode {
             Self::InferenceFailed => "inference_failed",
             Self::Internal => "internal",
             Self::Cancelled => "cancelled",
+            Self::DuplicateRequestId => "duplicate_request_id",
+            Self::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -118,6 +126,7 @@ mod tests {
             ErrorCode::UnknownScheduler,
             ErrorCode::InvalidPrompt,
             ErrorCode::InvalidImage,
+            ErrorCode::DuplicateRequestId,
             ErrorCode::ImageTooLarge,
             ErrorCode::ImageTooSmall,
             ErrorCode::Expired,
@@ -125,6 +134,7 @@ mod tests {
             ErrorCode::InferenceFailed,
             ErrorCode::Internal,
             ErrorCode::Cancelled,
+            ErrorCode::Unauthenticated,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();

@@ -5,6 +5,7 @@ pub mod error;
 pub mod generation;
 pub mod ids;
 pub mod limits;
+mod probe;
 pub mod reply;
 pub mod request;
 

@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use super::error::{ErrorCode, RequestError};
 use super::generation::{self, GenerationParams, Task};
 use super::ids::{RequestId, UserId};
+use super::probe::{Peek, Probe};
 
 /// The contract version this worker speaks.
 pub const CONTRACT_VERSION: u32 = 1;
@@ -140,13 +141,61 @@ impl WireParams {
 }
 
 /// A style as it travels: `7`, or `{"3": 0.5, "12": 0.5}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum WireStyle {
     /// One built-in style.
     Index(i64),
     /// A blend of built-in styles, by index written in decimal.
     Blend(BTreeMap<String, f64>),
+}
+
+impl WireStyle {
+    /// The most styles a blend may name: far more than a style bank has (26), few enough that a
+    /// blend of a million keys cannot make the parser hold many times the body.
+    pub const MAX_BLEND: usize = 1024;
+}
+
+/// By hand rather than `untagged` (which buffers the whole value in a generic tree first: a
+/// `style` of a million zeros held 40 bytes per byte), and with a cap on a blend's size.
+impl<'de> Deserialize<'de> for WireStyle {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, Unexpected, Visitor};
+
+        struct StyleVisitor;
+
+        impl<'de> Visitor<'de> for StyleVisitor {
+            type Value = WireStyle;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a style index (an integer) or a blend (an object of at most {} weights by index)",
+                    WireStyle::MAX_BLEND
+                )
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<WireStyle, E> {
+                Ok(WireStyle::Index(v))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<WireStyle, E> {
+                i64::try_from(v)
+                    .map(WireStyle::Index)
+                    .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WireStyle, A::Error> {
+                let mut weights = BTreeMap::new();
+                while let Some((key, weight)) = map.next_entry::<String, f64>()? {
+                    weights.insert(key, weight);
+                    if weights.len() > WireStyle::MAX_BLEND {
+                        return Err(A::Error::invalid_length(weights.len(), &self));
+                    }
+                }
+                Ok(WireStyle::Blend(weights))
+            }
+        }
+
+        deserializer.deserialize_any(StyleVisitor)
+    }
 }
 
 /// An image as it travels: base64 of a JPEG, PNG or WebP file.
@@ -254,13 +303,15 @@ impl GenerationRequest {
                 PartialRequest::default(),
             ));
         }
-        let partial = PartialRequest::salvage(body);
-        Self::parse_document(body).map_err(|e| (e, partial))
+        // One look at the fields that come first (no document tree: see `probe`), kept for the
+        // error reply's ids.
+        let probe = Probe::read(body).map_err(|e| (e, PartialRequest::default()))?;
+        Self::parse_document(body, &probe).map_err(|e| (e, PartialRequest::from_probe(&probe)))
     }
 
-    fn parse_document(body: &[u8]) -> Result<Self, RequestError> {
-        check_version(body)?;
-        check_prompt_types(body)?;
+    fn parse_document(body: &[u8], probe: &Probe) -> Result<Self, RequestError> {
+        probe.check_version()?;
+        probe.check_prompt_types()?;
         let doc: RequestDocument =
             serde_json::from_slice(body).map_err(|e| RequestError::new(ErrorCode::MalformedRequest, e.to_string()))?;
         Self::from_document(doc)
@@ -309,16 +360,18 @@ impl GenerationRequest {
 
 impl PartialRequest {
     /// Best effort: pull `request_id` and `model` out of a body that may be broken elsewhere.
-    fn salvage(body: &[u8]) -> Self {
-        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return Self::default();
-        };
+    pub fn salvage(body: &[u8]) -> Self {
+        Probe::read(body).map_or_else(|_| Self::default(), |probe| Self::from_probe(&probe))
+    }
+
+    fn from_probe(probe: &Probe) -> Self {
         Self {
-            request_id: map
-                .get("request_id")
-                .and_then(|v| v.as_str())
+            request_id: probe
+                .request_id
+                .as_ref()
+                .and_then(Peek::as_text)
                 .and_then(|s| RequestId::parse(s).ok()),
-            model: map.get("model").and_then(|v| v.as_str()).map(str::to_owned),
+            model: probe.model.as_ref().and_then(Peek::as_text).map(str::to_owned),
         }
     }
 }
@@ -327,55 +380,7 @@ impl PartialRequest {
 /// "unsupported version", not "unknown field". Shared by every document producers send (requests,
 /// cancels).
 pub(super) fn check_version(body: &[u8]) -> Result<(), RequestError> {
-    #[derive(Deserialize)]
-    struct VersionProbe {
-        version: Option<serde_json::Value>,
-    }
-    let probe: VersionProbe = serde_json::from_slice(body).map_err(|e| {
-        RequestError::new(
-            ErrorCode::MalformedRequest,
-            format!("the body is not a JSON object: {e}"),
-        )
-    })?;
-    match probe.version {
-        None => Err(RequestError::new(
-            ErrorCode::MalformedRequest,
-            "missing field `version`",
-        )),
-        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(CONTRACT_VERSION)) => Ok(()),
-        Some(serde_json::Value::Number(n)) => Err(RequestError::new(
-            ErrorCode::UnsupportedVersion,
-            format!("version {n} is not supported; this worker speaks version {CONTRACT_VERSION}"),
-        )),
-        Some(other) => Err(RequestError::new(
-            ErrorCode::MalformedRequest,
-            format!("`version` must be an integer, got {other}"),
-        )),
-    }
-}
-
-/// A prompt that is not text is `invalid_prompt`, not a malformed document: look before serde does.
-fn check_prompt_types(body: &[u8]) -> Result<(), RequestError> {
-    #[derive(Deserialize)]
-    struct Probe {
-        #[serde(default)]
-        params: Option<serde_json::Map<String, serde_json::Value>>,
-    }
-    let Ok(Probe { params: Some(params) }) = serde_json::from_slice::<Probe>(body) else {
-        return Ok(());
-    };
-    for field in ["prompt", "negative_prompt"] {
-        match params.get(field) {
-            None | Some(serde_json::Value::String(_)) => {}
-            Some(other) => {
-                return Err(RequestError::new(
-                    ErrorCode::InvalidPrompt,
-                    format!("params.{field} must be text, got {other}"),
-                ))
-            }
-        }
-    }
-    Ok(())
+    Probe::read(body)?.check_version()
 }
 
 fn generation_params(params: &WireParams) -> Result<GenerationParams, RequestError> {

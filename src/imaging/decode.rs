@@ -33,7 +33,7 @@ fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits, what: &str) -> Result<impl I
         ));
     }
     let invalid = |e: &dyn std::fmt::Display| RequestError::new(ErrorCode::InvalidImage, format!("{what}: {e}"));
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| invalid(&e))?;
     match reader.format() {
@@ -41,11 +41,30 @@ fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits, what: &str) -> Result<impl I
         Some(other) => return Err(invalid(&format!("{other:?} is not supported; send JPEG, PNG or WebP"))),
         None => return Err(invalid(&"not a JPEG, PNG or WebP file")),
     }
-    // The header alone gives the dimensions: refuse before the decoder allocates anything.
-    let decoder = reader.into_decoder().map_err(|e| invalid(&e))?;
+    if reader.format() == Some(ImageFormat::WebP) {
+        super::webp_check::check(bytes).map_err(|why| invalid(&why))?;
+    }
+    // The header alone gives the dimensions: refuse before the decoder allocates pixels. The PNG
+    // decoder reads every chunk before the pixels while it is built, inflating a colour profile
+    // (`iCCP`) as it goes, within `image`'s default 512 MiB unless told otherwise: a 64 KiB file took
+    // 64 MiB before its size was checked (found by fuzzing). Its allowance is now the file's size.
+    let mut header_limits = image::Limits::default();
+    header_limits.max_alloc = Some(header_allowance(bytes.len()));
+    reader.limits(header_limits);
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => too_large(what, &format!("its header needs more memory than allowed ({e})")),
+        other => invalid(&other),
+    })?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits, what)?;
     Ok(decoder)
+}
+
+/// What the PNG decoder may allocate for an image's metadata (its chunks, buffered in a vector that
+/// doubles, and an inflated colour profile) and its own row buffers: twice the file, and 1 MiB more
+/// (the largest ICC profiles in use are a few hundred KiB; a row of 8192 16-bit RGBA pixels, 64 KiB).
+pub fn header_allowance(encoded_bytes: usize) -> u64 {
+    2 * encoded_bytes as u64 + (1 << 20)
 }
 
 /// Decode a JPEG, PNG or WebP into 8-bit RGB, applying its EXIF orientation and compositing any

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod png;
 pub mod resize;
 pub mod tensor;
+mod webp_check;
 
 pub use decode::{decode_rgb, probe_dimensions, DecodeLimits};
 pub use png::encode_png;

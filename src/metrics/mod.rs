@@ -130,7 +130,8 @@ declare_metrics! {
     fallback_active: IntGauge = "kiln_rate_limit_fallback_active", "gauge (0/1)", [],
         "1 while Redis is unreachable and the outage policy (fail_open or fail_closed) decides.";
     redis_errors: IntCounterVec = "kiln_redis_errors_total", "counter", ["reason"],
-        "Failed Redis calls of the limiter: error, timeout (decisions), release (returning a lease).";
+        "Failed Redis calls of the limiter: error, timeout (decisions), release (returning a lease); replay \
+         (signed requests' replay records).";
     broker_reconnects: IntCounter = "kiln_broker_reconnects_total", "counter", [],
         "Times the broker connection was lost and the worker reconnected.";
     broker_failovers: IntCounter = "kiln_broker_failovers_total", "counter", [],
@@ -145,6 +146,10 @@ declare_metrics! {
         "Valid cancels heard on the cancel exchange, by whether this worker held the request then \
          (true: it was asked to stop) or not (false: remembered, stopped if it arrives). Malformed \
          ones are logged, not counted.";
+    unauthenticated: IntCounterVec = "kiln_unauthenticated_total", "counter", ["reason"],
+        "Requests refused as unauthenticated (auth.policy optional or required), by reason: missing, stale, \
+         replayed (acked without a reply), bad_signature, unknown_key, forbidden_user, forbidden_queue. Never \
+         charged or rendered.";
 }
 
 /// The registry `/metrics` serves: this module's metrics and those other modules [`register`].
@@ -163,6 +168,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
     for reason in ["cancelled", "abandoned"] {
         metrics.step_stops.with_label_values(&[reason]);
+    }
+    for reason in crate::auth::Reason::ALL {
+        metrics.unauthenticated.with_label_values(&[reason.as_str()]);
     }
     metrics
 });
@@ -433,7 +441,7 @@ pub fn set_rate_limit_fallback(active: bool) {
     m().fallback_active.set(i64::from(active));
 }
 
-/// A failed Redis call (`error`, `timeout`, `release`).
+/// A failed Redis call (`error`, `timeout`, `release`, `replay`).
 pub fn record_redis_error(reason: &'static str) {
     m().redis_errors.with_label_values(&[reason]).inc();
 }
@@ -472,6 +480,11 @@ pub fn record_heartbeat(result: &'static str) {
 pub fn record_cancel_message(held: bool) {
     let held = if held { "true" } else { "false" };
     m().cancel_messages.with_label_values(&[held]).inc();
+}
+
+/// A request refused as unauthenticated, for `reason` (a [`crate::auth::Reason`]'s label).
+pub fn record_unauthenticated(reason: &'static str) {
+    m().unauthenticated.with_label_values(&[reason]).inc();
 }
 
 /// Check a [`declare_metrics!`] table against the collectors it made, in order: name, help, the

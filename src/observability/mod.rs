@@ -25,8 +25,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use secrecy::SecretString;
-
+use crate::amqp::connect::Broker;
 use crate::amqp::Topology;
 use crate::inference::ActiveProvider;
 use crate::rate_limit::Limiter;
@@ -59,7 +58,7 @@ pub struct WorkerFacts<'a> {
     /// Queue names.
     pub topology: &'a Topology,
     /// The broker, for the heartbeat's own connection.
-    pub broker_url: &'a SecretString,
+    pub broker: &'a Broker,
     /// Whether the models were warmed up at startup (`models.warmup`).
     pub warmed: bool,
 }
@@ -87,7 +86,7 @@ impl Observability {
         };
         let models = format!("{}: {warmed}", facts.models.join(", "));
         let beacon = settings.heartbeat.enabled.then(|| heartbeat::Beacon {
-            url: facts.broker_url.clone(),
+            broker: facts.broker.clone(),
             prefix: facts.topology.prefix.clone(),
             request_queues: facts
                 .topology

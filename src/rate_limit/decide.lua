@@ -5,13 +5,15 @@
 --   2  <prefix>:{u:<user>}:gcra          GCRA theoretical arrival time, ms (string)
 --   3  <prefix>:{u:<user>}:quota:<day>   units spent on this UTC day (integer)
 --   4  <prefix>:{u:<user>}:leases        in-flight leases: member = lease id, score = expiry ms (zset)
+--   5  <prefix>:{u:<user>}:charged:<id>  this request was charged (string "1", expires)
 -- ARGV:
 --   1 now (ms, the caller's clock)   2 cost (units)   3 lease id   4 lease ttl (ms)
---   5 ms until the UTC day ends      6 default tier
---   7.. five per tier: name, emission interval (ms per unit), burst (units), daily quota (units),
+--   5 ms until the UTC day ends      6 default tier   7 how long a charge is remembered (ms)
+--   8.. five per tier: name, emission interval (ms per unit), burst (units), daily quota (units),
 --       max in flight
 -- Returns {verdict, scope, tier, limit, remaining, reset_ms, retry_after_ms, unknown_tier_record}
---   verdict: 1 admitted, 2 already admitted (lease still held: a redelivery), 0 limited
+--   verdict: 1 admitted, 2 already admitted and charged (a redelivery: its lease still held, or
+--   its charge remembered), 0 limited
 --   scope: "rate", "daily_quota" or "in_flight" (the limit reported), or "cost" when the cost is
 --   more than the tier's burst or daily quota (it could never be admitted; limit = the largest)
 -- Nothing is written unless the request is admitted.
@@ -21,12 +23,13 @@ local cost = tonumber(ARGV[2])
 local lease_id = ARGV[3]
 local lease_ttl = tonumber(ARGV[4])
 local day_left = tonumber(ARGV[5])
+local charge_ttl = tonumber(ARGV[7])
 
 local record = redis.call('GET', KEYS[1])
 local tier, interval, burst, quota, max_in_flight
 local unknown_record = ''
 local function pick(name)
-  for i = 7, #ARGV, 5 do
+  for i = 8, #ARGV, 5 do
     if ARGV[i] == name then
       return ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     end
@@ -53,6 +56,14 @@ if tat < now then tat = now end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 if redis.call('ZSCORE', KEYS[4], lease_id) then
   -- A redelivery of a request still holding its lease: admitted again, charged nothing.
+  redis.call('ZADD', KEYS[4], now + lease_ttl, lease_id)
+  redis.call('PEXPIRE', KEYS[4], lease_ttl)
+  local remaining = math.floor((capacity - (tat - now)) / interval + 1e-9)
+  return {2, 'rate', tier, burst, remaining, math.ceil(tat - now), 0, unknown_record}
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  -- Charged before, its lease since released or expired (a redelivery after a crash, however
+  -- late): admitted again, charged nothing, holding a lease again.
   redis.call('ZADD', KEYS[4], now + lease_ttl, lease_id)
   redis.call('PEXPIRE', KEYS[4], lease_ttl)
   local remaining = math.floor((capacity - (tat - now)) / interval + 1e-9)
@@ -85,5 +96,6 @@ redis.call('INCRBY', KEYS[3], cost)
 redis.call('PEXPIRE', KEYS[3], day_left + 3600000)
 redis.call('ZADD', KEYS[4], now + lease_ttl, lease_id)
 redis.call('PEXPIRE', KEYS[4], lease_ttl)
+redis.call('SET', KEYS[5], '1', 'PX', charge_ttl)
 local remaining = math.floor((capacity - (new_tat - now)) / interval + 1e-9)
 return {1, 'rate', tier, burst, remaining, math.ceil(new_tat - now), 0, unknown_record}

@@ -123,12 +123,27 @@ struct Health {
     next_try: Instant,
 }
 
+impl Health {
+    /// Redis answered: fleet-wide again.
+    fn up(&mut self) {
+        if let Some(since) = self.down_since.take() {
+            crate::metrics::set_rate_limit_fallback(false);
+            tracing::info!(
+                down_seconds = since.elapsed().as_secs_f64(),
+                "Redis is back: limits are fleet-wide again"
+            );
+        }
+    }
+}
+
 /// The limiter the worker uses.
 pub struct Limiter {
     settings: Arc<RateLimitSettings>,
     redis: RedisLimiter,
     local: LocalLimiter,
-    health: Mutex<Health>,
+    /// Shared with the probe that runs while Redis is down.
+    health: Arc<Mutex<Health>>,
+    probing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Limiter {
@@ -140,10 +155,11 @@ impl Limiter {
             redis: RedisLimiter::new(Arc::clone(&settings))?,
             local: LocalLimiter::default(),
             settings,
-            health: Mutex::new(Health {
+            health: Arc::new(Mutex::new(Health {
                 down_since: None,
                 next_try: Instant::now(),
-            }),
+            })),
+            probing: Arc::default(),
         })
     }
 
@@ -237,13 +253,7 @@ impl Limiter {
         let mut health = self.health.lock().expect("not poisoned");
         match result {
             Ok(Ok(verdict)) => {
-                if let Some(since) = health.down_since.take() {
-                    crate::metrics::set_rate_limit_fallback(false);
-                    tracing::info!(
-                        down_seconds = since.elapsed().as_secs_f64(),
-                        "Redis is back: limits are fleet-wide again"
-                    );
-                }
+                health.up();
                 Some(verdict)
             }
             Ok(Err(e)) => {
@@ -263,6 +273,7 @@ impl Limiter {
         if health.down_since.is_none() {
             health.down_since = Some(Instant::now());
             crate::metrics::set_rate_limit_fallback(true);
+            self.probe_until_up();
             match self.settings.redis_down {
                 RedisDown::FailOpen => tracing::error!(
                     error,
@@ -277,6 +288,41 @@ impl Limiter {
             }
         }
         health.next_try = Instant::now() + Duration::from_millis(self.settings.redis_retry_ms);
+    }
+
+    /// While Redis is down, ask it every `redis_retry_ms` whether it is back, so the health (and
+    /// `kiln_rate_limit_fallback_active`, `/readyz`, the heartbeat) follows Redis itself, not the
+    /// last decision: a worker with no requests still reports Redis back. One probe at a time.
+    fn probe_until_up(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (redis, health, probing) = (
+            self.redis.clone(),
+            Arc::downgrade(&self.health),
+            Arc::clone(&self.probing),
+        );
+        let retry = Duration::from_millis(self.settings.redis_retry_ms.max(10));
+        let timeout = Duration::from_millis(self.settings.redis_timeout_ms);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(retry).await;
+                // Gone with its limiter, or a decision found Redis back first: done.
+                let Some(health) = health.upgrade() else { break };
+                if health.lock().expect("not poisoned").down_since.is_none() {
+                    break;
+                }
+                if let Ok(Ok(())) = tokio::time::timeout(timeout, redis.ping()).await {
+                    health.lock().expect("not poisoned").up();
+                    break;
+                }
+            }
+            probing.store(false, Ordering::SeqCst);
+        });
     }
 
     /// The Redis side, for administration.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
+use redis::{AsyncCommands, ClientTlsConfig, Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 
 use super::settings::{RateLimitSettings, RedisMode};
 use super::{Scope, Verdict};
@@ -34,6 +34,16 @@ pub struct UserKeys {
 }
 
 impl UserKeys {
+    /// The key that says request `request_id` of `user` was charged.
+    pub fn charged(prefix: &str, user: &str, request_id: &str) -> String {
+        format!("{prefix}:{{u:{user}}}:charged:{request_id}")
+    }
+
+    /// The key that holds the final outcome of request `request_id` of `user`.
+    pub fn outcome(prefix: &str, user: &str, request_id: &str) -> String {
+        format!("{prefix}:{{u:{user}}}:outcome:{request_id}")
+    }
+
     /// Keys for `user` at `now_ms`.
     pub fn new(prefix: &str, user: &str, now_ms: i64) -> Self {
         // "u:" keeps the hash tag non-empty even for an id that starts with "}".
@@ -115,9 +125,14 @@ impl Connection {
     fn open(settings: &RateLimitSettings) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(settings.redis_timeout_ms);
         let urls = settings.redis_urls();
+        let certificates = tls_certificates(settings)?;
         Ok(match settings.redis_mode {
             RedisMode::Single => {
-                let client = redis::Client::open(urls.first().copied().unwrap_or_default())?;
+                let url = urls.first().copied().unwrap_or_default();
+                let client = match certificates {
+                    Some(certificates) => redis::Client::build_with_tls(url, certificates)?,
+                    None => redis::Client::open(url)?,
+                };
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -127,13 +142,16 @@ impl Connection {
             RedisMode::Cluster => {
                 // Few, quick retries: the caller's timeout (`redis_timeout_ms`) and outage policy
                 // decide what happens while a slot has no master; retrying longer only delays that.
-                let client = ClusterClientBuilder::new(urls)
+                let mut builder = ClusterClientBuilder::new(urls)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .retries(2)
                     .min_retry_wait(10)
-                    .max_retry_wait(100)
-                    .build()?;
+                    .max_retry_wait(100);
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder.build()?;
                 let config = redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout);
@@ -141,6 +159,22 @@ impl Connection {
             }
         })
     }
+}
+
+/// The `[rate_limit.tls]` files, read, for `rediss://` URLs; `None` without files (a `rediss://`
+/// URL then trusts the system's store).
+fn tls_certificates(settings: &RateLimitSettings) -> anyhow::Result<Option<TlsCertificates>> {
+    if !settings.tls.is_set() {
+        return Ok(None);
+    }
+    let material = settings.tls.load("rate_limit.tls")?;
+    Ok(Some(TlsCertificates {
+        client_tls: material.identity.map(|id| ClientTlsConfig {
+            client_cert: id.cert,
+            client_key: id.key,
+        }),
+        root_cert: material.ca,
+    }))
 }
 
 /// Decisions and administration against Redis.
@@ -185,12 +219,14 @@ impl RedisLimiter {
             .key(&keys.gcra)
             .key(&keys.quota)
             .key(&keys.leases)
+            .key(UserKeys::charged(&self.settings.key_prefix, user, lease_id))
             .arg(now_ms)
             .arg(cost)
             .arg(lease_id)
             .arg(self.settings.lease_ttl_ms)
             .arg(ms_to_day_end(now_ms))
-            .arg(&self.settings.default_tier);
+            .arg(&self.settings.default_tier)
+            .arg(self.settings.request_record_ttl_secs.saturating_mul(1000));
         for a in self.tier_args.iter() {
             invocation.arg(a);
         }
@@ -223,6 +259,60 @@ impl RedisLimiter {
         })
     }
 
+    /// The final outcome recorded for `request_id` of `user`, if any (see [`crate::outcome`]).
+    pub async fn outcome(&self, user: &str, request_id: &str) -> redis::RedisResult<Option<String>> {
+        let key = UserKeys::outcome(&self.settings.key_prefix, user, request_id);
+        self.connection.clone().get(key).await
+    }
+
+    /// Record the final outcome of `request_id` of `user`, for `request_record_ttl_secs`.
+    pub async fn record_outcome(&self, user: &str, request_id: &str, record: &str) -> redis::RedisResult<()> {
+        let key = UserKeys::outcome(&self.settings.key_prefix, user, request_id);
+        self.connection
+            .clone()
+            .set_ex(key, record, self.settings.request_record_ttl_secs)
+            .await
+    }
+
+    /// With `rediss://`, one PING at startup, so that a TLS handshake failing on a certificate
+    /// (which never heals) is an error naming Redis and the setting to check, rather than an
+    /// outage served under `redis_down` for good. Anything else (Redis not up yet, slow) is only
+    /// logged: the limiter reconnects by itself when Redis comes.
+    pub async fn check_tls(&self) -> anyhow::Result<()> {
+        let urls = self.settings.redis_urls();
+        if !urls
+            .iter()
+            .any(|u| u.get(..9).is_some_and(|s| s.eq_ignore_ascii_case("rediss://")))
+        {
+            return Ok(());
+        }
+        let server = format!("Redis {}", crate::amqp::connect::redact(&urls.join(",")));
+        let wait = (Duration::from_millis(self.settings.redis_timeout_ms) * 4).max(Duration::from_secs(1));
+        let mut connection = self.connection.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(wait, ping.query_async::<()>(&mut connection)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => match crate::tls::diagnose(&error) {
+                Some(failure) => Err(anyhow::anyhow!(failure.explain(&server, "rate_limit.tls"))),
+                None => {
+                    tracing::warn!(%error, redis = %server, "Redis did not answer at startup; the outage policy applies until it does");
+                    Ok(())
+                }
+            },
+            Err(_) => {
+                tracing::warn!(redis = %server, "Redis did not answer at startup within {wait:?}; the outage policy applies until it does");
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether Redis answers (on a cluster: the master of the probe key's slot).
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let key = format!("{}:probe", self.settings.key_prefix);
+        let _: bool = self.connection.clone().exists(key).await?;
+        Ok(())
+    }
+
     /// Give a lease back (the request is done).
     pub async fn release(&self, user: &str, lease_id: &str) -> redis::RedisResult<()> {
         let keys = UserKeys::new(&self.settings.key_prefix, user, 0);
@@ -252,6 +342,21 @@ impl RedisLimiter {
             .clone()
             .del(&[&keys.gcra, &keys.quota, &keys.leases])
             .await
+    }
+
+    /// Set `key` for `ttl_ms` unless it exists (`SET NX PX`, atomic): whether it was new. For the
+    /// records kept beside the limits on the same connection (signed requests' replay records,
+    /// [`crate::auth::replay`]); `key` carries its own hash tag.
+    pub async fn set_once(&self, key: &str, ttl_ms: u64) -> redis::RedisResult<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(set.is_some())
     }
 
     /// Delete every key under the prefix, on every master; how many there were. For tests and

@@ -7,6 +7,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::domain::Work;
+use crate::tls::TlsFiles;
 
 /// What a tier's users get when they hit a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -123,8 +124,11 @@ pub struct RateLimitSettings {
     /// `single` (default) or `cluster`; see [`RedisMode`].
     pub redis_mode: RedisMode,
     /// Redis URL; may carry a password, never logged. Default `redis://127.0.0.1:6379/`. In
-    /// `cluster` mode, the URLs of one or more nodes, comma-separated.
+    /// `cluster` mode, the URLs of one or more nodes, comma-separated. `rediss://` for TLS.
     pub redis_url: SecretString,
+    /// CA and client certificate for `rediss://` URLs (`[rate_limit.tls]`); unset, the system's
+    /// trust store and no client certificate.
+    pub tls: TlsFiles,
     /// Prefix of every key (`<prefix>:{u:<user>}:…`). Default `kiln`. No `{` or `}`.
     pub key_prefix: String,
     /// Tier of users without a tier record. Must name a tier. Default `free`.
@@ -138,6 +142,11 @@ pub struct RateLimitSettings {
     /// Lifetime of an in-flight lease: a crashed worker's requests stop counting after this.
     /// Must exceed the longest request. Default 300 000 ms.
     pub lease_ttl_ms: u64,
+    /// How long a request's charge and its final outcome are remembered (keys
+    /// `<prefix>:{u:<user>}:charged:<id>` and `…:outcome:<id>`, about 150 bytes each): a redelivery
+    /// within this is neither charged nor answered twice. Must exceed the longest time a request
+    /// can spend in the broker (its deadline, the delay queues). Default 86 400 s (a day).
+    pub request_record_ttl_secs: u64,
     /// Lifetime of tier records written by `kiln limits set-tier` (billing refreshes them).
     /// Default 35 days.
     pub tier_record_ttl_secs: u64,
@@ -160,12 +169,14 @@ impl Default for RateLimitSettings {
             enabled: true,
             redis_mode: RedisMode::Single,
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
+            tls: TlsFiles::default(),
             key_prefix: "kiln".into(),
             default_tier: "free".into(),
             redis_down: RedisDown::FailOpen,
             redis_timeout_ms: 250,
             redis_retry_ms: 1_000,
             lease_ttl_ms: 300_000,
+            request_record_ttl_secs: 86_400,
             tier_record_ttl_secs: 35 * 24 * 3600,
             cost: CostSettings::default(),
             tiers: BTreeMap::from([
@@ -189,6 +200,8 @@ impl RateLimitSettings {
             "rate_limit.redis_url names {} servers: set rate_limit.redis_mode = \"cluster\" for a Redis Cluster",
             urls.len()
         );
+        self.tls
+            .check("rate_limit.tls", "rate_limit.redis_url", &urls, "rediss")?;
         if !self.tiers.contains_key(&self.default_tier) {
             bail!(
                 "rate_limit.default_tier = {:?} is not a tier; tiers: {}",
@@ -207,6 +220,11 @@ impl RateLimitSettings {
         ensure!(
             self.lease_ttl_ms >= 1_000,
             "rate_limit.lease_ttl_ms must be at least 1000"
+        );
+        ensure!(
+            self.request_record_ttl_secs >= 60
+                && self.request_record_ttl_secs.saturating_mul(1000) >= self.lease_ttl_ms,
+            "rate_limit.request_record_ttl_secs must be at least 60 and at least the lease lifetime"
         );
         for (name, t) in &self.tiers {
             let valid_name =

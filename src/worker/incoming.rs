@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 
 use crate::amqp::publisher::deferrals;
 use crate::amqp::topology::RequestQueue;
+use crate::auth::{self, Authenticator, Verified};
 use crate::domain::{GenerationRequest, PartialRequest, RequestError};
 use crate::scheduling::Schedule;
 
@@ -21,18 +22,40 @@ pub(super) struct Incoming {
     pub class: usize,
     /// How many times it was deferred before.
     pub deferrals: u32,
+    /// Its signature, when it was signed and the policy looks at signatures.
+    pub signed: Option<Verified>,
 }
 
 impl Incoming {
-    /// Parse the delivery's body; an unreadable one comes back with the error and what could be read.
+    /// Check its signature (`auth`), then parse the body; an unauthenticated or unreadable one
+    /// comes back with the error and what could be read.
     pub(super) fn read(
         delivery: &Delivery,
         queue: &RequestQueue,
         schedule: &Schedule,
         max_message_bytes: usize,
+        auth: &Authenticator,
     ) -> Result<Self, (RequestError, PartialRequest)> {
         let received_at = OffsetDateTime::now_utc();
+        // Who sent it, before the body is parsed: an unauthenticated body is not worth decoding.
+        let unauthenticated = |error| {
+            let partial = match delivery.data.len() <= max_message_bytes {
+                true => PartialRequest::salvage(&delivery.data),
+                false => PartialRequest::default(),
+            };
+            (error, partial)
+        };
+        let covered = auth::covered(delivery, &queue.name);
+        let headers = delivery.properties.headers().as_ref();
+        let now_ms = crate::rate_limit::now_ms();
+        let signed = auth
+            .verify(headers, &covered, delivery.redelivered, now_ms)
+            .map_err(unauthenticated)?;
         let request = GenerationRequest::parse(&delivery.data, max_message_bytes)?;
+        if let Some(signed) = &signed {
+            auth.check_user(signed, request.user_id.as_str())
+                .map_err(unauthenticated)?;
+        }
         let enqueued = request.created_at.or_else(|| amqp_timestamp(delivery));
         Ok(Self {
             since: enqueued.unwrap_or(received_at),
@@ -40,6 +63,7 @@ impl Incoming {
             class: schedule.class_of(queue.tier.as_deref()),
             deferrals: deferrals(delivery),
             request,
+            signed,
         })
     }
 

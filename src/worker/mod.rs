@@ -6,7 +6,8 @@
 //!                 ├─ refused ─► error reply
 //!                 └─ deferred ─► defer: copy to a delay queue, `deferred` notice
 //!          ─► 3. render     prepare (CPU pool) ─► infer (inference thread) ─► finish + PNG (CPU pool)
-//!          ─► 4. reply      publish the image or the error, wait for the broker's confirm
+//!          ─► 4. reply      publish the image or the error, wait for the broker's confirm, record
+//!                 the outcome (so a copy is not answered again)
 //!          ─► 5. settle     ack / dead-letter / requeue, from the one table in [`settle`]
 //!             (the lease's guard gives the lease back on every path)
 //! ```
@@ -20,6 +21,7 @@ mod defer;
 mod incoming;
 mod lease;
 mod observed;
+mod outcome;
 mod render;
 mod reply;
 pub mod settings;
@@ -35,8 +37,9 @@ use tracing::Instrument;
 use crate::amqp::publisher::ReplyPublisher;
 use crate::amqp::topology::RequestQueue;
 use crate::amqp::{ReplyQueues, Topology};
+use crate::auth::ReplayCheck;
 use crate::cpu_pool::CpuPool;
-use crate::domain::{ErrorCode, ImageInfo, RequestError, Timings};
+use crate::domain::{Deferral, DeferralReason, ErrorCode, ImageInfo, RequestError, Timings};
 use crate::inference::{InferenceHandle, ModelRegistry};
 use crate::rate_limit::Limiter;
 use crate::scheduling::Schedule;
@@ -45,6 +48,7 @@ use admission::Admission;
 use incoming::Incoming;
 use lease::LeaseGuard;
 use observed::Observed;
+use outcome::{Record, Seen};
 use render::{render, Watched};
 use reply::ReplyTarget;
 pub use reply::INVALID_ROUTING_KEY;
@@ -77,6 +81,8 @@ pub struct Services {
     /// The cancels this worker heard (from the cancel exchange) and the requests it holds: one
     /// per process, shared by every session.
     pub cancellations: crate::cancel::Cancellations,
+    /// Signed requests: keys, policy, replay records.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 /// Handles deliveries. Cheap to clone: one per connection session, shared by all delivery tasks.
@@ -131,14 +137,14 @@ impl Worker {
         let mut timings = Timings::default();
         let services = &self.services;
 
-        // 1. What the delivery says, read once.
-        let mut incoming = match Incoming::read(&delivery, queue, &services.schedule, services.limits.max_message_bytes)
-        {
+        // 1. What the delivery says, read once (a signed request's signature first).
+        let max_bytes = services.limits.max_message_bytes;
+        let mut incoming = match Incoming::read(&delivery, queue, &services.schedule, max_bytes, &services.auth) {
             Ok(incoming) => incoming,
             Err((error, partial)) => {
                 timings.total = ms(received.elapsed());
                 return self
-                    .reply(&delivery, ReplyTarget::from(partial), Err(error), timings)
+                    .reply(&delivery, ReplyTarget::from(partial), Err(error), timings, None)
                     .await;
             }
         };
@@ -151,6 +157,61 @@ impl Worker {
         observed.parsed(&services.registry, &request.model, timings.queue_wait);
         observed.queue_tier(&services.schedule.class(incoming.class).tier);
         let mut target = ReplyTarget::of(request);
+
+        // Signed: a signature accepted before is a replay, acked unanswered (its first delivery
+        // answers it), unless the broker redelivered the message: then it is the same request.
+        if let Some(signed) = incoming.signed.as_mut() {
+            match services.auth.remember(signed, delivery.redelivered).await {
+                ReplayCheck::Go => {}
+                ReplayCheck::Replayed => return settle::settle(&delivery, Ending::Replayed).await,
+                ReplayCheck::Refused(error) => {
+                    timings.total = ms(received.elapsed());
+                    return self.reply(&delivery, target, Err(error), timings, None).await;
+                }
+                ReplayCheck::Unavailable { retry_after_ms } => {
+                    let count = incoming.deferrals + 1;
+                    let reason = DeferralReason::LimiterUnavailable;
+                    let deferral = Deferral {
+                        retry_after_ms,
+                        reason,
+                        count,
+                    };
+                    return self
+                        .defer(&delivery, queue, &incoming, target, deferral, timings, None)
+                        .await;
+                }
+            }
+        }
+        let request = &incoming.request;
+
+        // Answered already (a redelivery after a crash between confirm and ack, or published
+        // again)? Then nothing more is done for it; the same id for another body is refused.
+        let record = services
+            .limiter
+            .as_ref()
+            .map(|_| Record::new(request.user_id.as_str(), request.request_id.as_str(), &delivery.data));
+        if let (Some(limiter), Some(record)) = (&services.limiter, &record) {
+            match record.look_up(limiter).await {
+                Seen::New => {}
+                Seen::Answered => {
+                    tracing::info!("answered already: acknowledged without a second reply");
+                    record.release_lease(limiter).await;
+                    return settle::settle(&delivery, Ending::AlreadyAnswered).await;
+                }
+                Seen::Conflict { answered } => {
+                    let error = RequestError::new(
+                        ErrorCode::DuplicateRequestId,
+                        format!(
+                            "request id {} was already answered ({answered}) for a request with another body; \
+                             use a new id for each request",
+                            request.request_id
+                        ),
+                    );
+                    timings.total = ms(received.elapsed());
+                    return self.reply(&delivery, target, Err(error), timings, None).await;
+                }
+            }
+        }
 
         // Nobody to answer: the producer gave up and its reply queue went with it. Dead-letter
         // the request before it costs a device run, a charge or a trip through the delay queues.
@@ -169,7 +230,9 @@ impl Worker {
         if tracked.flag().reason().is_some() {
             let error = RequestError::new(ErrorCode::Cancelled, "cancelled by its producer before it was served");
             timings.total = ms(received.elapsed());
-            return self.reply(&delivery, target, Err(error), timings).await;
+            return self
+                .reply(&delivery, target, Err(error), timings, record.as_ref())
+                .await;
         }
 
         // 2. Admission: deadline, overload policy, the user's limits.
@@ -182,8 +245,9 @@ impl Worker {
             }
             Admission::Defer { deferral, rate_limit } => {
                 target.rate_limit = rate_limit;
-                let request = &incoming.request;
-                return self.defer(&delivery, queue, request, target, deferral, timings).await;
+                return self
+                    .defer(&delivery, queue, &incoming, target, deferral, timings, record.as_ref())
+                    .await;
             }
             Admission::Go {
                 lease,
@@ -246,20 +310,27 @@ impl Worker {
         };
         timings.total = ms(received.elapsed());
         observed.timings(&timings);
-        let outcome = self.reply(&delivery, target, rendered, timings).await;
+        let outcome = self.reply(&delivery, target, rendered, timings, record.as_ref()).await;
         lease.release().await;
         outcome
     }
 
-    /// Publish the final reply, wait for the broker's confirm, settle the delivery accordingly.
+    /// Publish the final reply, wait for the broker's confirm, record the outcome (`record`: the
+    /// request's, when it is to be remembered), settle the delivery accordingly.
     async fn reply(
         &self,
         delivery: &Delivery,
         target: ReplyTarget,
         rendered: Result<(Vec<u8>, ImageInfo), RequestError>,
         timings: Timings,
+        record: Option<&Record>,
     ) -> Outcome {
-        let reply = reply::final_reply(delivery, target, rendered, timings, self.services.worker_id.to_string());
+        let duplicate_id = matches!(&rendered, Err(e) if e.code == ErrorCode::DuplicateRequestId);
+        let mut reply = reply::final_reply(delivery, target, rendered, timings, self.services.worker_id.to_string());
+        if duplicate_id {
+            // Not a copy of the reply its id already got.
+            reply.message_id = None;
+        }
         if self.services.faults.abort_before_reply {
             tracing::error!("faults.abort_before_reply is set: aborting before the reply is published");
             std::process::abort();
@@ -267,6 +338,22 @@ impl Worker {
         let error = reply.document.error.as_ref().map(|e| e.code);
         let total_ms = reply.document.timings_ms.total;
         let published = self.publisher.publish(reply).await;
+        if matches!(published, Ok(crate::amqp::PublishOutcome::Confirmed)) {
+            let faults = &self.services.faults;
+            if faults.abort_before_record {
+                tracing::error!("faults.abort_before_record is set: aborting after the confirm, before the record");
+                std::process::abort();
+            }
+            if let (Some(limiter), Some(record)) = (&self.services.limiter, record) {
+                record.store(limiter, error).await;
+            }
+            if faults.abort_before_ack {
+                tracing::error!(
+                    "faults.abort_before_ack is set: aborting after the confirm and the record, before the ack"
+                );
+                std::process::abort();
+            }
+        }
         let outcome = settle::settle(delivery, Ending::after_reply(published, error)).await;
         match &outcome {
             Outcome::Replied { error: None } => tracing::info!(total_ms, "replied"),

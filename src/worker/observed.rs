@@ -77,12 +77,13 @@ impl Observed {
     }
 }
 
-/// `ok`, the error code, `deferred`, `dead_lettered`, `requeued` or `abandoned`.
+/// `ok`, the error code, `deferred`, `duplicate`, `dead_lettered`, `requeued` or `abandoned`.
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Replied { error: None } => "ok",
         Outcome::Replied { error: Some(code) } => code.as_str(),
         Outcome::Deferred { .. } => "deferred",
+        Outcome::Duplicate => "duplicate",
         Outcome::DeadLettered { .. } => "dead_lettered",
         Outcome::Requeued { .. } => "requeued",
         Outcome::Abandoned { .. } => "abandoned",

@@ -78,6 +78,7 @@ pub(super) fn final_reply(
     worker_id: String,
 ) -> OutgoingReply {
     let (route, correlation_id) = (route(delivery, &target), correlation_id(delivery, &target));
+    let message_id = target.request_id.as_ref().map(|id| final_message_id(id));
     let (mut document, body) = match rendered {
         Ok((png, info)) => {
             let doc = ReplyDocument::ok(
@@ -106,7 +107,13 @@ pub(super) fn final_reply(
         correlation_id,
         document,
         body,
+        message_id,
     }
+}
+
+/// The `message_id` of every copy of request `request_id`'s final reply.
+pub fn final_message_id(request_id: &str) -> String {
+    format!("final:{request_id}")
 }
 
 /// A `deferred` notice: not final, the reply follows when the request comes back.
@@ -129,6 +136,7 @@ pub(super) fn deferred_notice(
         correlation_id,
         body: json(&document),
         document,
+        message_id: None,
     }
 }
 
@@ -154,6 +162,7 @@ pub(super) fn progress_notice(
         correlation_id,
         body: json(&document),
         document,
+        message_id: None,
     }
 }
 

@@ -77,4 +77,10 @@ pub struct FaultSettings {
     /// Abort the process after inference, before the reply is published: the crash window that
     /// ack-after-confirm exists for. Default false.
     pub abort_before_reply: bool,
+    /// Abort after the reply's confirm, before its outcome is recorded: the one window left where
+    /// a redelivery is answered a second time (same `message_id`, charged once). Default false.
+    pub abort_before_record: bool,
+    /// Abort after the confirm and the record, before the ack: the broker redelivers a request that
+    /// was answered. Default false.
+    pub abort_before_ack: bool,
 }

@@ -7,6 +7,8 @@
 //! | how it ended ([`Ending`])                          | broker action ([`Action`])             |
 //! |----------------------------------------------------|----------------------------------------|
 //! | reply (image or error) confirmed                   | ack                                    |
+//! | answered already (its outcome recorded)            | ack, nothing else                      |
+//! | a signed message replayed (signature seen before)  | ack, nothing else                      |
 //! | reply unroutable (no queue for it)                 | reject, no requeue → dead-letter queue |
 //! | its `reply_to` queue is gone (checked on arrival)  | reject, no requeue → dead-letter queue |
 //! | reply nacked by the broker                         | nack, requeue → retried later          |
@@ -45,6 +47,9 @@ pub enum Outcome {
         /// arrival, before any work).
         cause: &'static str,
     },
+    /// A copy of a request that was answered already (its outcome recorded), or a replayed signed
+    /// message: acked, not answered again.
+    Duplicate,
     /// The request went back to the queue for another try.
     Requeued {
         /// Why.
@@ -114,6 +119,11 @@ impl From<CpuTaskError> for Failure {
 pub(super) enum Ending {
     /// Its reply was confirmed; the reply's error code, `None` for an image.
     ReplyConfirmed(Option<ErrorCode>),
+    /// It was answered before (a recorded outcome, the same body).
+    AlreadyAnswered,
+    /// A signed message whose signature was accepted before, published again (not a broker
+    /// redelivery): the delivery that was accepted answers it.
+    Replayed,
     /// Its reply came back unroutable.
     ReplyUnroutable(String),
     /// Its `reply_to` queue was gone when it arrived: nobody can receive a reply.
@@ -168,6 +178,7 @@ pub(super) enum Action {
 fn decide(ending: Ending) -> (Action, Outcome) {
     match ending {
         Ending::ReplyConfirmed(error) => (Action::Ack, Outcome::Replied { error }),
+        Ending::AlreadyAnswered | Ending::Replayed => (Action::Ack, Outcome::Duplicate),
         Ending::ReplyUnroutable(why) => (
             Action::DeadLetter,
             Outcome::DeadLettered {
@@ -232,6 +243,8 @@ mod tests {
             Action::Ack
         );
         assert_eq!(action(Ending::CopyConfirmed(1000)), Action::Ack);
+        assert_eq!(action(Ending::AlreadyAnswered), Action::Ack);
+        assert_eq!(action(Ending::Replayed), Action::Ack);
         assert_eq!(action(Ending::ReplyUnroutable("NO_ROUTE".into())), Action::DeadLetter);
         assert_eq!(action(Ending::ReplyQueueGone("amq.gen-x".into())), Action::DeadLetter);
         assert_eq!(action(Ending::ReplyNacked), Action::Requeue);

@@ -188,7 +188,7 @@ impl TestApp {
         loop {
             // A passive declare of a missing queue closes the channel: use a fresh one each time,
             // on the worker's broker (its first node, when it names several).
-            let channel = channel_on(&self.settings.amqp.url).await;
+            let channel = channel_on(&self.settings.amqp).await;
             // Consumers start in the order of `request_queues`: the last one means all of them.
             let last = &self.topology.request_queues.last().expect("a request queue").name;
             if let Ok(q) = channel
@@ -254,9 +254,10 @@ pub fn passive() -> QueueDeclareOptions {
 }
 
 /// A channel on a connection of the test's own.
-/// A channel on the first node of `url` that answers.
-pub async fn channel_on(url: &secrecy::SecretString) -> Channel {
-    let (connection, _) = kiln::amqp::connect::connect_any(url, &ConnectionProperties::default(), None)
+/// A channel on the first node of these settings' broker that answers (with their TLS files).
+pub async fn channel_on(amqp: &kiln::configuration::AmqpSettings) -> Channel {
+    let broker = kiln::amqp::connect::Broker::new(amqp).expect("usable amqp settings");
+    let (connection, _) = kiln::amqp::connect::connect_any(&broker, &ConnectionProperties::default(), None)
         .await
         .expect("a broker node answers");
     let channel = connection.create_channel().await.unwrap();
@@ -392,6 +393,22 @@ pub fn decode_png(body: &[u8]) -> image::RgbImage {
 pub struct WorkerProcess {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The largest `VmHWM` read so far, in bytes (see [`WorkerProcess::peak_rss_bytes`]).
+    peak_rss: Arc<std::sync::atomic::AtomicU64>,
+    /// Tells the sampler to stop once the process is gone (its pid may be reused).
+    gone: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often a [`WorkerProcess`]'s peak RSS is read while it runs.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes; `None` once the process is
+/// gone (or a zombie, which has no memory fields).
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    let kib: u64 = line[field.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl WorkerProcess {
@@ -428,7 +445,42 @@ impl WorkerProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        Self { child, lines }
+        // VmHWM is the kernel's own peak of the process's RSS; reading it every 50 ms keeps it
+        // for after a SIGKILL (up to the last 50 ms before it).
+        let peak_rss = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (peak, stop, pid) = (Arc::clone(&peak_rss), Arc::clone(&gone), child.id());
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            while !stop.load(Ordering::SeqCst) {
+                let Some(hwm) = proc_status_bytes(pid, "VmHWM") else { break };
+                peak.fetch_max(hwm, Ordering::SeqCst);
+                std::thread::sleep(RSS_SAMPLE_INTERVAL);
+            }
+        });
+        Self {
+            child,
+            lines,
+            peak_rss,
+            gone,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's peak resident set size so far (`VmHWM`), in bytes: read now while it runs,
+    /// and the last sample (taken every 50 ms) once it is gone.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        if !self.gone.load(Ordering::SeqCst) {
+            if let Some(hwm) = proc_status_bytes(self.pid(), "VmHWM") {
+                self.peak_rss.fetch_max(hwm, Ordering::SeqCst);
+            }
+        }
+        self.peak_rss.load(Ordering::SeqCst)
     }
 
     /// Wait until a log line contains `needle`; panics with the log after `timeout`.
@@ -468,6 +520,8 @@ impl WorkerProcess {
 
     /// Kill it with SIGKILL, as the OOM killer or a node failure would.
     pub fn kill(&mut self) {
+        self.peak_rss_bytes();
+        self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -476,7 +530,9 @@ impl WorkerProcess {
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {
+            self.peak_rss_bytes();
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
                 return status;
             }
             assert!(
@@ -511,6 +567,7 @@ pub fn venv_python() -> PathBuf {
 pub struct TcpProxy {
     accept: tokio::task::JoinHandle<()>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    partitioned: tokio::sync::watch::Sender<bool>,
 }
 
 impl TcpProxy {
@@ -519,9 +576,17 @@ impl TcpProxy {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let registry = Arc::clone(&connections);
+        let (partitioned, watch) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watch = watch.clone();
                 let forward = tokio::spawn(async move {
+                    // Behind a partition nothing answers: the connection is held, unanswered,
+                    // until the partition heals, then closed (the client's next try gets through).
+                    if *watch.borrow_and_update() {
+                        let _ = watch.wait_for(|partitioned| !partitioned).await;
+                        return;
+                    }
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
@@ -529,7 +594,23 @@ impl TcpProxy {
                 registry.lock().unwrap().push(forward);
             }
         });
-        Self { accept, connections }
+        Self {
+            accept,
+            connections,
+            partitioned,
+        }
+    }
+
+    /// Cut the network until [`TcpProxy::heal`]: every open connection is closed, and a new one
+    /// is accepted but never answered (held until the partition heals, then closed).
+    pub fn partition(&self) {
+        self.partitioned.send_replace(true);
+        self.sever();
+    }
+
+    /// End a [`TcpProxy::partition`]: the connections it held are closed, new ones forwarded.
+    pub fn heal(&self) {
+        self.partitioned.send_replace(false);
     }
 
     /// Cut every open connection (new ones are still accepted).

@@ -303,8 +303,17 @@ async fn with_redis_down_fail_open_limits_each_worker_locally_and_recovers() {
         "{d:?}"
     );
 
-    // Redis comes back: decisions are fleet-wide again, without a restart.
+    // Redis comes back: the limiter notices by itself, with no decision asked of it (its health,
+    // and so the fallback gauge and /readyz, follow Redis), and decisions are fleet-wide again.
     let _proxy = TcpProxy::start(port, 6379).await;
+    let back = std::time::Instant::now();
+    while !limiter.redis_healthy() {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "Redis back, the limiter never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     decide_until(&limiter, "grace", |_| limiter.redis_healthy()).await;
     let mut c = redis().await;
     let tat: Option<String> = c.get(UserKeys::new(&s.key_prefix, "grace", 0).gcra).await.unwrap();

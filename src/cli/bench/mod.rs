@@ -40,6 +40,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use book::Book;
+use kiln::amqp::connect::Broker;
 use kiln::configuration::Settings;
 use kiln::inference::settings::{ExecutionProviderKind, StepMode};
 use kiln::inference::StepCap;
@@ -140,7 +141,7 @@ pub async fn run(args: BenchArgs, mut settings: Settings) -> anyhow::Result<Benc
     users.register(&settings.rate_limit).await?;
     let worker = worker::Worker::start(&settings).await?;
 
-    let producer = Producer::connect_as("kiln bench", &settings.amqp.url, &topology.requests).await?;
+    let producer = Producer::connect_as("kiln bench", Broker::new(&settings.amqp)?, &topology.requests).await?;
     topology.declare(producer.sender().channel()).await?;
     let (sender, replies, closer) = producer.split();
     let book = Book::new(sender);

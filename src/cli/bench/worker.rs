@@ -61,7 +61,11 @@ impl Worker {
 /// Remove the bench's queues and exchanges, and its Redis keys.
 pub async fn clean_up(settings: &Settings, topology: &Topology) {
     let properties = lapin::ConnectionProperties::default();
-    if let Ok((connection, _)) = kiln::amqp::connect::connect_any(&settings.amqp.url, &properties, None).await {
+    let connected = match kiln::amqp::connect::Broker::new(&settings.amqp) {
+        Ok(broker) => kiln::amqp::connect::connect_any(&broker, &properties, None).await.ok(),
+        Err(_) => None,
+    };
+    if let Some((connection, _)) = connected {
         if let Ok(channel) = connection.create_channel().await {
             topology.delete(&channel).await;
             let _ = channel.close(200, "bench cleanup".into()).await;

@@ -169,10 +169,13 @@ pub(super) fn message(settings: &Beacon, health: &Health, load: Load, queue: Que
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::amqp::connect::Broker;
 
     fn beacon() -> Beacon {
         Beacon {
-            url: "amqp://guest:secret@127.0.0.1:5681/%2f,amqp://guest:secret@127.0.0.1:5682/%2f".into(),
+            broker: Broker::from(&secrecy::SecretString::from(
+                "amqp://guest:secret@127.0.0.1:5681/%2f,amqp://guest:secret@127.0.0.1:5682/%2f",
+            )),
             prefix: "kiln".into(),
             request_queues: vec![("requests".into(), "kiln.requests".into())],
             dead_letter_queue: "kiln.dead-letter".into(),

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use secrecy::SecretString;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 mod message;
 
 use super::health::{BrokerState, Health};
+use crate::amqp::connect::Broker;
 use crate::metrics;
 use message::message;
 use message::Load;
@@ -53,8 +53,8 @@ pub fn routing_key(worker_id: &str) -> String {
 /// What the heartbeat needs to know about its worker.
 #[derive(Debug, Clone)]
 pub struct Beacon {
-    /// Broker URL.
-    pub url: SecretString,
+    /// The broker (URL and TLS files).
+    pub broker: Broker,
     /// Topology prefix (the exchange is `<prefix>.heartbeat`).
     pub prefix: String,
     /// The request queues, whose depths are reported: (metric label, queue name); the label is
@@ -157,7 +157,7 @@ async fn beat(
 async fn open(settings: &Beacon, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
     let properties =
         ConnectionProperties::default().with_connection_name(format!("kiln heartbeat {}", settings.worker_id).into());
-    let (connection, _) = crate::amqp::connect::connect_any(&settings.url, &properties, None).await?;
+    let (connection, _) = crate::amqp::connect::connect_any(&settings.broker, &properties, None).await?;
     let channel = connection.create_channel().await?;
     let options = ExchangeDeclareOptions {
         durable: true,
