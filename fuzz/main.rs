@@ -160,7 +160,7 @@ fn seeds(target: &Target) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
 /// One input's run.
 struct Execution {
     /// `Ok(Ok((signature, bound)))`, `Ok(Err(broken invariant))` or `Err(panic message)`.
-    result: Result<Result<(String, usize), String>, String>,
+    result: Result<targets::Outcome, String>,
     peak: usize,
     elapsed: Duration,
 }
@@ -499,9 +499,9 @@ mod tests {
 
     /// A body that serde_json would turn into a tree many times its size (a long array of zeros
     /// anywhere in it; as `style`; a style blend of thousands of keys; as `prompt`) is refused
-    /// holding at most twice its size.
+    /// holding at most three times its size (it was 16 to 40 times).
     #[test]
-    fn a_request_body_never_costs_more_than_twice_its_size_to_parse() {
+    fn a_request_body_never_costs_more_than_three_times_its_size_to_parse() {
         let zeros = vec!["0"; 200_000].join(",");
         let keys = (0..100_000).map(|i| format!("\"{i}\":1")).collect::<Vec<_>>().join(",");
         let head = r#"{"version":1,"request_id":"r","user_id":"u","model":"m""#;
@@ -555,41 +555,41 @@ mod tests {
 
     #[test]
     fn short_run_request() {
-        short_run("request", 3000);
+        short_run("request", 20000);
     }
 
     #[test]
     fn short_run_cancel() {
-        short_run("cancel", 3000);
+        short_run("cancel", 20000);
     }
 
     #[test]
     fn short_run_prompt() {
-        short_run("prompt", 1000);
+        short_run("prompt", 2000);
     }
 
     #[test]
     fn short_run_traceparent() {
-        short_run("traceparent", 3000);
+        short_run("traceparent", 20000);
     }
 
     #[test]
     fn short_run_image_header() {
-        short_run("image_header", 2000);
+        short_run("image_header", 4000);
     }
 
     #[test]
     fn short_run_decode_png() {
-        short_run("decode_png", 1000);
+        short_run("decode_png", 3000);
     }
 
     #[test]
     fn short_run_decode_jpeg() {
-        short_run("decode_jpeg", 1000);
+        short_run("decode_jpeg", 20000);
     }
 
     #[test]
     fn short_run_decode_webp() {
-        short_run("decode_webp", 1000);
+        short_run("decode_webp", 20000);
     }
 }

@@ -236,14 +236,6 @@ fn classify(error: &rustls::Error) -> HandshakeFailure {
 mod tests {
     use super::*;
 
-    fn temp(name: &str, contents: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-
     #[test]
     fn files_with_a_plain_url_are_refused() {
         let files = TlsFiles {
@@ -280,12 +272,14 @@ mod tests {
             e.starts_with("rate_limit.tls.ca_file = /nonexistent/ca.pem: cannot read it"),
             "{e}"
         );
-        let empty = temp("empty.pem", "not a certificate\n");
+        let empty = std::env::temp_dir().join(format!("kiln-tls-unit-{}.pem", std::process::id()));
+        std::fs::write(&empty, "not a certificate\n").unwrap();
         let files = TlsFiles {
             ca_file: Some(empty.clone()),
             ..Default::default()
         };
         let e = files.load("amqp.tls").unwrap_err().to_string();
+        std::fs::remove_file(&empty).unwrap();
         assert!(
             e.contains("amqp.tls.ca_file") && e.contains("no certificate in it"),
             "{e}"

@@ -603,6 +603,36 @@ mod tests {
     }
 
     #[test]
+    fn a_style_is_an_integer_or_a_blend_of_at_most_max_blend_styles() {
+        let with_style = |style: serde_json::Value| {
+            let mut v = valid();
+            v["params"]["style"] = style;
+            GenerationRequest::parse(&body(v), 1 << 20).map(|r| r.params.style)
+        };
+        assert_eq!(with_style(serde_json::json!(7)).unwrap(), Some(StyleChoice::Single(7)));
+        let blend: serde_json::Map<_, _> = (0..WireStyle::MAX_BLEND).map(|i| (i.to_string(), 1.into())).collect();
+        let Some(StyleChoice::Blend(pairs)) = with_style(blend.into()).unwrap() else {
+            panic!("a blend")
+        };
+        assert_eq!(pairs.len(), WireStyle::MAX_BLEND);
+        let too_many: serde_json::Map<_, _> = (0..=WireStyle::MAX_BLEND).map(|i| (i.to_string(), 1.into())).collect();
+        for bad in [
+            serde_json::Value::from(too_many),
+            serde_json::json!(1.5),
+            serde_json::json!("7"),
+            serde_json::json!([7]),
+            serde_json::json!(u64::MAX),
+            serde_json::json!({"3": "half"}),
+        ] {
+            assert_eq!(
+                with_style(bad.clone()).unwrap_err().0.code,
+                ErrorCode::MalformedRequest,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn progress_is_asked_for_with_a_boolean_and_anything_else_is_malformed() {
         let mut v = valid();
         v["progress"] = true.into();

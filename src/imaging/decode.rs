@@ -178,6 +178,42 @@ mod tests {
         );
     }
 
+    /// The crafted bombs of the fuzz corpus (`fuzz/make_seeds.py`): a PNG declaring 60000x60000, a
+    /// JPEG whose frame header says 65500x65500, a WebP whose VP8X canvas is 16383x16383, .. are
+    /// refused from their headers (`fuzz/main.rs` also checks that nothing was allocated for them).
+    #[test]
+    fn refuses_decompression_bombs_from_their_headers() {
+        let limits = DecodeLimits {
+            max_bytes: 20 << 20,
+            max_side: 8192,
+            max_pixels: 40_000_000,
+            min_side: 32,
+        };
+        let mut bombs = 0;
+        for format in ["png", "jpeg", "webp"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fuzz/corpus/decode_{format}"));
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if !path.file_name().unwrap().to_string_lossy().starts_with("bomb-") {
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                let probed = probe_dimensions(&bytes, &limits, "image").unwrap_err();
+                assert_eq!(
+                    probed.code,
+                    ErrorCode::ImageTooLarge,
+                    "{}: {}",
+                    path.display(),
+                    probed.message
+                );
+                let decoded = decode_rgb(&bytes, &limits, "image").unwrap_err();
+                assert_eq!(decoded.code, ErrorCode::ImageTooLarge, "{}", path.display());
+                bombs += 1;
+            }
+        }
+        assert!(bombs >= 10, "{bombs} bombs");
+    }
+
     #[test]
     fn refuses_small_and_large_images_by_their_header() {
         let small = png(&RgbaImage::new(31, 100));

@@ -35,8 +35,11 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A RIFF chunk: its kind and its body.
+type Chunk<'a> = (&'a [u8; 4], &'a [u8]);
+
 /// The chunks of `data[start..end]`, each of which must fit in it.
-fn chunks(data: &[u8], start: usize, end: usize) -> Result<Vec<(&[u8; 4], &[u8])>, String> {
+fn chunks(data: &[u8], start: usize, end: usize) -> Result<Vec<Chunk<'_>>, String> {
     let mut out = Vec::new();
     let mut at = start;
     while at + 8 <= end {

@@ -4,7 +4,6 @@ use lapin::message::Delivery;
 use time::OffsetDateTime;
 
 use super::incoming::Incoming;
-use super::outcome::Record;
 use super::reply::{self, ReplyTarget};
 use super::settle::{self, Ending, Outcome};
 use super::Worker;
@@ -25,7 +24,6 @@ impl Worker {
         target: ReplyTarget,
         mut deferral: Deferral,
         timings: Timings,
-        record: Option<&Record>,
     ) -> Outcome {
         let (delay_queue, wait_ms) = self.services.topology.delay_queue_for(deferral.retry_after_ms);
         deferral.retry_after_ms = wait_ms;
@@ -40,7 +38,7 @@ impl Worker {
                 ErrorCode::RateLimited,
                 format!("{why}, and waiting {wait_ms} ms would pass the request's deadline"),
             );
-            return self.reply(delivery, target, Err(error), timings, record).await;
+            return self.reply(delivery, target, Err(error), timings).await;
         }
         let signature = incoming.signed.as_ref().and_then(|signed| {
             let back_at_ms = crate::rate_limit::now_ms().saturating_add_unsigned(wait_ms);

@@ -144,7 +144,7 @@ impl Worker {
             Err((error, partial)) => {
                 timings.total = ms(received.elapsed());
                 return self
-                    .reply(&delivery, ReplyTarget::from(partial), Err(error), timings, None)
+                    .reply(&delivery, ReplyTarget::from(partial), Err(error), timings)
                     .await;
             }
         };
@@ -166,7 +166,7 @@ impl Worker {
                 ReplayCheck::Replayed => return settle::settle(&delivery, Ending::Replayed).await,
                 ReplayCheck::Refused(error) => {
                     timings.total = ms(received.elapsed());
-                    return self.reply(&delivery, target, Err(error), timings, None).await;
+                    return self.reply(&delivery, target, Err(error), timings).await;
                 }
                 ReplayCheck::Unavailable { retry_after_ms } => {
                     let count = incoming.deferrals + 1;
@@ -177,7 +177,7 @@ impl Worker {
                         count,
                     };
                     return self
-                        .defer(&delivery, queue, &incoming, target, deferral, timings, None)
+                        .defer(&delivery, queue, &incoming, target, deferral, timings)
                         .await;
                 }
             }
@@ -208,10 +208,12 @@ impl Worker {
                         ),
                     );
                     timings.total = ms(received.elapsed());
-                    return self.reply(&delivery, target, Err(error), timings, None).await;
+                    return self.reply(&delivery, target, Err(error), timings).await;
                 }
             }
         }
+        // Recorded after its final reply is confirmed.
+        target.record = record;
 
         // Nobody to answer: the producer gave up and its reply queue went with it. Dead-letter
         // the request before it costs a device run, a charge or a trip through the delay queues.
@@ -230,9 +232,7 @@ impl Worker {
         if tracked.flag().reason().is_some() {
             let error = RequestError::new(ErrorCode::Cancelled, "cancelled by its producer before it was served");
             timings.total = ms(received.elapsed());
-            return self
-                .reply(&delivery, target, Err(error), timings, record.as_ref())
-                .await;
+            return self.reply(&delivery, target, Err(error), timings).await;
         }
 
         // 2. Admission: deadline, overload policy, the user's limits.
@@ -246,7 +246,7 @@ impl Worker {
             Admission::Defer { deferral, rate_limit } => {
                 target.rate_limit = rate_limit;
                 return self
-                    .defer(&delivery, queue, &incoming, target, deferral, timings, record.as_ref())
+                    .defer(&delivery, queue, &incoming, target, deferral, timings)
                     .await;
             }
             Admission::Go {
@@ -310,21 +310,21 @@ impl Worker {
         };
         timings.total = ms(received.elapsed());
         observed.timings(&timings);
-        let outcome = self.reply(&delivery, target, rendered, timings, record.as_ref()).await;
+        let outcome = self.reply(&delivery, target, rendered, timings).await;
         lease.release().await;
         outcome
     }
 
-    /// Publish the final reply, wait for the broker's confirm, record the outcome (`record`: the
-    /// request's, when it is to be remembered), settle the delivery accordingly.
+    /// Publish the final reply, wait for the broker's confirm, record the outcome (`target.record`:
+    /// the request's, when it is to be remembered), settle the delivery accordingly.
     async fn reply(
         &self,
         delivery: &Delivery,
-        target: ReplyTarget,
+        mut target: ReplyTarget,
         rendered: Result<(Vec<u8>, ImageInfo), RequestError>,
         timings: Timings,
-        record: Option<&Record>,
     ) -> Outcome {
+        let record = target.record.take();
         let duplicate_id = matches!(&rendered, Err(e) if e.code == ErrorCode::DuplicateRequestId);
         let mut reply = reply::final_reply(delivery, target, rendered, timings, self.services.worker_id.to_string());
         if duplicate_id {
@@ -344,7 +344,7 @@ impl Worker {
                 tracing::error!("faults.abort_before_record is set: aborting after the confirm, before the record");
                 std::process::abort();
             }
-            if let (Some(limiter), Some(record)) = (&self.services.limiter, record) {
+            if let (Some(limiter), Some(record)) = (&self.services.limiter, &record) {
                 record.store(limiter, error).await;
             }
             if faults.abort_before_ack {

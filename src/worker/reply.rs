@@ -22,6 +22,9 @@ pub(super) struct ReplyTarget {
     pub batch_size: Option<usize>,
     pub degraded: Option<Degraded>,
     pub generation: Option<GenerationInfo>,
+    /// The request's outcome record, written once its final reply is confirmed (exactly-once
+    /// effects); `None`: not remembered (no Redis, or its id belongs to another request).
+    pub record: Option<super::outcome::Record>,
 }
 
 impl ReplyTarget {

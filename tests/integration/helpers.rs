@@ -406,8 +406,15 @@ const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 /// gone (or a zombie, which has no memory fields).
 pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
-    let kib: u64 = line[field.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    let kib: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kib * 1024)
 }
 
@@ -453,7 +460,9 @@ impl WorkerProcess {
         std::thread::spawn(move || {
             use std::sync::atomic::Ordering;
             while !stop.load(Ordering::SeqCst) {
-                let Some(hwm) = proc_status_bytes(pid, "VmHWM") else { break };
+                let Some(hwm) = proc_status_bytes(pid, "VmHWM") else {
+                    break;
+                };
                 peak.fetch_max(hwm, Ordering::SeqCst);
                 std::thread::sleep(RSS_SAMPLE_INTERVAL);
             }

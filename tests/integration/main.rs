@@ -13,6 +13,7 @@ mod contract;
 mod degrade_steps;
 mod diffusion;
 mod diffusion_worker;
+mod drills;
 mod end_to_end;
 mod exactly_once;
 mod execution_provider;

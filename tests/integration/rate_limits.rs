@@ -219,7 +219,14 @@ async fn a_decision_touches_one_cluster_slot_and_every_key_expires() {
     );
     for user in ["alice", "user-42", "Zoë ☕", "a{b}c", "}{"] {
         let k = UserKeys::new("kiln", user, T0);
-        let slots = [slot(&k.tier), slot(&k.gcra), slot(&k.quota), slot(&k.leases)];
+        let slots = [
+            slot(&k.tier),
+            slot(&k.gcra),
+            slot(&k.quota),
+            slot(&k.leases),
+            slot(&UserKeys::charged("kiln", user, "r1")),
+            slot(&UserKeys::outcome("kiln", user, "r1")),
+        ];
         assert!(slots.iter().all(|s| *s == slots[0]), "{user}: {slots:?}");
     }
 
@@ -230,7 +237,8 @@ async fn a_decision_touches_one_cluster_slot_and_every_key_expires() {
     assert!(limiter.decide("dave", 2, "r1", now).await.unwrap().admitted);
     let mut c = redis().await;
     let keys: Vec<String> = c.keys(format!("{}:*", s.key_prefix)).await.unwrap();
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    // tier, gcra, quota, leases, and the charge remembered for r1.
+    assert_eq!(keys.len(), 5, "{keys:?}");
     for key in &keys {
         let ttl: i64 = c.pttl(key).await.unwrap();
         assert!(ttl > 0, "{key} has no expiry");
