@@ -308,7 +308,8 @@ pub fn decode_bound(pixels: u64, len: usize) -> usize {
 
 fn decode(data: &[u8]) -> Outcome {
     let limits = FUZZ_LIMITS;
-    // Outside the measurement, this input's pixel count as its header announces it (0 if refused).
+    // The pixel count the header announces (0 if refused); what the probe allocates is freed before
+    // decoding starts, so the peak is the larger of the two.
     let pixels = probe_dimensions(data, &limits, "image").map_or(0, |(w, h)| u64::from(w) * u64::from(h));
     let (signature, bound) = match decode_rgb(data, &limits, "image") {
         Ok(image) => {

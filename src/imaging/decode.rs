@@ -42,12 +42,13 @@ fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits, what: &str) -> Result<impl I
         None => return Err(invalid(&"not a JPEG, PNG or WebP file")),
     }
     if reader.format() == Some(ImageFormat::WebP) {
+        // Sizes image-webp allocates for before reading what they describe (see `webp_check`).
         super::webp_check::check(bytes).map_err(|why| invalid(&why))?;
     }
     // The header alone gives the dimensions: refuse before the decoder allocates pixels. The PNG
     // decoder reads every chunk before the pixels while it is built, inflating a colour profile
     // (`iCCP`) as it goes, within `image`'s default 512 MiB unless told otherwise: a 64 KiB file took
-    // 64 MiB before its size was checked (found by fuzzing). Its allowance is now the file's size.
+    // 64 MiB before its size was checked (found by fuzzing). Its allowance is now `header_allowance`.
     let mut header_limits = image::Limits::default();
     header_limits.max_alloc = Some(header_allowance(bytes.len()));
     reader.limits(header_limits);

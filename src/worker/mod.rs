@@ -176,9 +176,7 @@ impl Worker {
                         reason,
                         count,
                     };
-                    return self
-                        .defer(&delivery, queue, &incoming, target, deferral, timings)
-                        .await;
+                    return self.defer(&delivery, queue, &incoming, target, deferral, timings).await;
                 }
             }
         }
@@ -245,9 +243,7 @@ impl Worker {
             }
             Admission::Defer { deferral, rate_limit } => {
                 target.rate_limit = rate_limit;
-                return self
-                    .defer(&delivery, queue, &incoming, target, deferral, timings)
-                    .await;
+                return self.defer(&delivery, queue, &incoming, target, deferral, timings).await;
             }
             Admission::Go {
                 lease,

@@ -63,6 +63,8 @@ struct Drill {
     /// Settings given to every worker as `KILN_*` variables besides [`WorkerProcess::spawn`]'s.
     env: Vec<(String, String)>,
     workers: Vec<Worker>,
+    /// Set by [`Drill::stop`]; otherwise (a failed drill) the topology is deleted on drop.
+    stopped: bool,
 }
 
 struct Worker {
@@ -85,6 +87,7 @@ impl Drill {
             producer_url: AMQP_URL.to_owned(),
             env: Vec::new(),
             workers: Vec::new(),
+            stopped: false,
         };
         drill.set("KILN_AMQP__URL", AMQP_URL);
         drill.set("KILN_RATE_LIMIT__REDIS_URL", REDIS_URL);
@@ -124,7 +127,7 @@ impl Drill {
         let photo = Arc::new(read("tests/data/astronaut-256.png"));
         Load::start(Plan {
             url: self.producer_url.clone(),
-            reply_queue: format!("{}.drill-replies", self.settings.amqp.topology.prefix),
+            reply_queue: reply_queue(&self.settings),
             queues: vec![self.settings.topology().requests],
             count,
             interval: INTERVAL,
@@ -149,11 +152,13 @@ impl Drill {
     /// The drill's figures from what the producer saw, Redis and the workers' peaks; printed.
     async fn figures(&self, tally: &Tally, cost: u64, bound: u64, detail: &str) -> Figures {
         let limiter = RedisLimiter::new(Arc::new(self.settings.rate_limit.clone())).unwrap();
-        let mut charged_twice = 0;
+        let (mut charged_twice, mut uncharged) = (0, 0);
         for (_, user) in &tally.published {
             let used = limiter.show(user, now_ms()).await.expect("Redis answers").quota_used;
             if used > cost {
                 charged_twice += 1;
+            } else if used < cost {
+                uncharged += 1;
             }
         }
         let published: std::collections::HashSet<&str> = tally.published.iter().map(|(id, _)| id.as_str()).collect();
@@ -166,7 +171,9 @@ impl Drill {
             .iter()
             .filter(|(id, finals)| {
                 let expected = format!("final:{id}");
-                finals.iter().all(|f| f.message_id.as_deref() == Some(expected.as_str()))
+                finals
+                    .iter()
+                    .all(|f| f.message_id.as_deref() == Some(expected.as_str()))
             })
             .count();
         let errors: Vec<String> = tally
@@ -183,16 +190,27 @@ impl Drill {
             doubled: doubles.len(),
             same_message_id,
             charged_twice,
+            uncharged,
             errors,
             republished: tally.republished,
-            unknown: tally.finals.keys().filter(|id| !published.contains(id.as_str())).count() + tally.malformed,
+            unknown: tally
+                .finals
+                .keys()
+                .filter(|id| !published.contains(id.as_str()))
+                .count()
+                + tally.malformed,
             peaks: self.workers.iter().map(|w| w.process.peak_rss_bytes()).collect(),
             served: self
                 .workers
                 .iter()
                 .map(|w| {
                     let suffix = format!("-{}", w.process.pid());
-                    tally.finals.values().flatten().filter(|f| f.worker_id.ends_with(&suffix)).count()
+                    tally
+                        .finals
+                        .values()
+                        .flatten()
+                        .filter(|f| f.worker_id.ends_with(&suffix))
+                        .count()
                 })
                 .collect(),
             bound,
@@ -212,7 +230,39 @@ impl Drill {
         if self.producer_url == AMQP_URL {
             cleanup(&self.settings).await;
         }
+        self.stopped = true;
     }
+}
+
+impl Drop for Drill {
+    fn drop(&mut self) {
+        // A failed drill does not reach stop(): its workers die with their `WorkerProcess`; delete
+        // its queues (and the producer's) on the shared broker from a thread of our own.
+        if self.stopped || self.producer_url != AMQP_URL {
+            return;
+        }
+        let settings = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    cleanup(&settings).await;
+                    let replies = reply_queue(&settings);
+                    let _ = crate::helpers::admin_channel()
+                        .await
+                        .queue_delete(replies.as_str().into(), Default::default())
+                        .await;
+                });
+        })
+        .join();
+    }
+}
+
+/// The producer's reply queue: `<prefix>.drill-replies`.
+fn reply_queue(settings: &Settings) -> String {
+    format!("{}.drill-replies", settings.amqp.topology.prefix)
 }
 
 /// A request of its own user (`drill-<n>`), 256 px, one of the 26 styles.
@@ -243,6 +293,8 @@ struct Figures {
     /// Of the doubles, those whose copies all carry `message_id = final:<request_id>`.
     same_message_id: usize,
     charged_twice: usize,
+    /// Users with no charge in Redis: admitted by a worker deciding alone (Redis unreachable).
+    uncharged: usize,
     /// The error codes of the final replies that were not `ok`.
     errors: Vec<String>,
     republished: usize,
@@ -260,7 +312,7 @@ impl Figures {
         let peaks: Vec<String> = self.peaks.iter().map(|&p| mb(p).to_string()).collect();
         format!(
             "DRILL {drill}: published {} answered {} lost {} doubled {} (same message_id {}) charged_twice {} \
-             peak_rss_mb {} bound_mb {} | served {} errors {} republished {} unknown {}{}{detail}",
+             peak_rss_mb {} bound_mb {} | served {} uncharged {} errors {} republished {} unknown {}{}{detail}",
             self.published,
             self.answered,
             self.lost,
@@ -269,7 +321,12 @@ impl Figures {
             self.charged_twice,
             peaks.join("/"),
             mb(self.bound),
-            self.served.iter().map(ToString::to_string).collect::<Vec<_>>().join("/"),
+            self.served
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
+            self.uncharged,
             self.errors.len(),
             self.republished,
             self.unknown,
@@ -284,7 +341,11 @@ impl Figures {
         assert_eq!(self.charged_twice, 0, "users charged twice");
         assert!(self.errors.is_empty(), "error replies: {:?}", self.errors);
         assert_eq!(self.unknown, 0, "replies to requests never published");
-        assert!(self.doubled <= doubles, "{} answered twice (at most {doubles})", self.doubled);
+        assert!(
+            self.doubled <= doubles,
+            "{} answered twice (at most {doubles})",
+            self.doubled
+        );
         assert_eq!(
             self.same_message_id, self.doubled,
             "a second final reply must carry the first one's message_id"
@@ -378,7 +439,10 @@ async fn drill_kill9() {
     let bound = small_bound(&drill.settings);
     let detail = format!("held_at_kill {held} replied_before_kill {replied_before}");
     let figures = drill.figures(&tally, 1, bound, &detail).await;
-    assert!(replied_before > 0, "the victim had served requests before it was killed");
+    assert!(
+        replied_before > 0,
+        "the victim had served requests before it was killed"
+    );
     figures.assert_within(prefetch);
     drill.stop().await;
 }
@@ -625,7 +689,7 @@ async fn drill_memory() {
         .collect();
     let load = Load::start(Plan {
         url: drill.producer_url.clone(),
-        reply_queue: format!("{}.drill-replies", drill.settings.amqp.topology.prefix),
+        reply_queue: reply_queue(&drill.settings),
         queues,
         count,
         interval: Duration::ZERO,
@@ -634,7 +698,10 @@ async fn drill_memory() {
     })
     .await;
     let tally = load
-        .finish(Duration::from_secs(120) + Duration::from_secs(10) * count as u32, SETTLE)
+        .finish(
+            Duration::from_secs(120) + Duration::from_secs(10) * count as u32,
+            SETTLE,
+        )
         .await;
     let bound = rss_bound(
         &drill.settings,

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use kiln::amqp::REPLY_HEADER;
 use kiln::domain::{ReplyDocument, ReplyStatus, RequestDocument};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
