@@ -126,6 +126,8 @@ async fn every_bad_diffusion_request_gets_its_code_is_acknowledged_and_costs_not
     let photo = serde_json::to_value(WireImage::from_bytes(&read("tests/data/diffusion/chelsea-64x64.png"))).unwrap();
     let with = |changes: &[(&str, serde_json::Value)]| {
         let mut v = valid.clone();
+        // Each case is a request of its own (an id answered once cannot be reused for another body).
+        v["request_id"] = json!(uuid::Uuid::new_v4().to_string());
         for (key, value) in changes {
             match key.strip_prefix("params.") {
                 Some(param) if value.is_null() => drop(v["params"].as_object_mut().unwrap().remove(param)),
