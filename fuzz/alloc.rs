@@ -4,14 +4,28 @@
 //! Counts are per thread (a `const` thread-local `Cell`, which needs no allocation and no
 //! destructor), so tests running in parallel do not disturb each other; the parsers and decoders
 //! fuzzed here allocate and free on the calling thread. A `realloc` counts as its new size minus its
-//! old one. Any single allocation over [`REFUSE_OVER`] fails, which aborts the process: a fuzz input
+//! old one. Any single allocation over `REFUSE_OVER` fails, which aborts the process: a fuzz input
 //! asking for that much is a finding, and the machine should not swap while it is found.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Larger single allocations fail (the process aborts, and the fuzzer's abort handler saves the input).
-pub const REFUSE_OVER: usize = 4 << 30;
+/// Larger single allocations fail (the process aborts, and the fuzzer's abort handler saves the
+/// input). 4 GiB unless `KILN_FUZZ_REFUSE_OVER` (bytes) says otherwise: set lower, it makes a large
+/// allocation abort where it happens, for a debugger (`break rust_oom`) to show who made it.
+static REFUSE_OVER: AtomicUsize = AtomicUsize::new(4 << 30);
+
+/// Reads `KILN_FUZZ_REFUSE_OVER`, once, at startup.
+pub fn configure() {
+    if let Some(bytes) = std::env::var("KILN_FUZZ_REFUSE_OVER").ok().and_then(|v| v.parse().ok()) {
+        REFUSE_OVER.store(bytes, Ordering::Relaxed);
+    }
+}
+
+fn refused(size: usize) -> bool {
+    size > REFUSE_OVER.load(Ordering::Relaxed)
+}
 
 /// The allocator; installed with `#[global_allocator]` in `main.rs`.
 pub struct Counting;
@@ -33,7 +47,7 @@ fn count(delta: isize) {
 // SAFETY: every call is forwarded to `System` unchanged; only counters are updated.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > REFUSE_OVER {
+        if refused(layout.size()) {
             return std::ptr::null_mut();
         }
         let ptr = unsafe { System.alloc(layout) };
@@ -44,7 +58,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > REFUSE_OVER {
+        if refused(layout.size()) {
             return std::ptr::null_mut();
         }
         let ptr = unsafe { System.alloc_zeroed(layout) };
@@ -60,7 +74,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > REFUSE_OVER {
+        if refused(new_size) {
             return std::ptr::null_mut();
         }
         let new = unsafe { System.realloc(ptr, layout, new_size) };

@@ -78,6 +78,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    alloc::configure();
     capture_panics();
     let mut failed = false;
     match cli.command {
@@ -163,6 +164,9 @@ struct Execution {
     result: Result<targets::Outcome, String>,
     peak: usize,
     elapsed: Duration,
+    /// A panic that kiln caught itself (`imaging::decode` turns decoder panics into
+    /// `invalid_image`): not a finding, but reported, since it is a bug upstream.
+    contained: Option<String>,
 }
 
 impl Execution {
@@ -194,6 +198,9 @@ impl Execution {
 }
 
 fn execute(target: &Target, input: &[u8]) -> Execution {
+    // Before anything is measured: the default hook would print the panic, and with RUST_BACKTRACE
+    // set, symbolicate a backtrace (over 100 MiB of debug information read on the first panic).
+    capture_panics();
     targets::warm_up();
     abort_guard::current(input);
     let started = Instant::now();
@@ -204,8 +211,17 @@ fn execute(target: &Target, input: &[u8]) -> Execution {
         result
     });
     let elapsed = started.elapsed();
-    let result = result.map_err(|_| PANIC_MESSAGE.with(|m| m.take()).unwrap_or_else(|| "a panic".to_owned()));
-    Execution { result, peak, elapsed }
+    let message = PANIC_MESSAGE.with(|m| m.take());
+    let (result, contained) = match result {
+        Ok(outcome) => (Ok(outcome), message),
+        Err(_) => (Err(message.unwrap_or_else(|| "a panic".to_owned())), None),
+    };
+    Execution {
+        result,
+        peak,
+        elapsed,
+        contained,
+    }
 }
 
 /// What a run of one target found.
@@ -220,6 +236,8 @@ struct Report {
     max_ratio: f64,
     slowest: Duration,
     findings: Vec<(String, String)>,
+    /// Where the panics that kiln contained happened (see [`Execution::contained`]).
+    contained: std::collections::BTreeSet<String>,
 }
 
 impl Report {
@@ -234,8 +252,15 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        let contained = match self.contained.len() {
+            0 => String::new(),
+            n => format!(
+                "; decoder panics contained (answered invalid_image): {n} places: {}",
+                self.contained.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        };
         format!(
-            "{}: {} inputs in {secs:.1} s ({:.0}/s), corpus {} -> {}, {} behaviours, peak heap {:.2} MiB (at most {:.2} of its bound), slowest {:.1} ms; findings: {findings}",
+            "{}: {} inputs in {secs:.1} s ({:.0}/s), corpus {} -> {}, {} behaviours, peak heap {:.2} MiB (at most {:.2} of its bound), slowest {:.1} ms; findings: {findings}{contained}",
             self.target,
             self.inputs,
             self.inputs as f64 / secs.max(1e-9),
@@ -271,6 +296,7 @@ fn fuzz(
         max_ratio: 0.0,
         slowest: Duration::ZERO,
         findings: Vec::new(),
+        contained: std::collections::BTreeSet::new(),
     };
     let mut seen = HashSet::new();
     let mut finding_kinds = HashSet::new();
@@ -290,6 +316,15 @@ fn fuzz(
         report.inputs += 1;
         report.max_peak = report.max_peak.max(run.peak);
         report.slowest = report.slowest.max(run.elapsed);
+        if let Some(panic) = &run.contained {
+            let place = panic.rsplit(" at ").next().unwrap_or(panic);
+            // `…/registry/src/<index>/zune-jpeg-0.5.15/src/mcu.rs:897:80` → from the crate's name.
+            let short = place
+                .split_once("/registry/src/")
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .map_or(place, |(_, crate_path)| crate_path);
+            report.contained.insert(short.to_owned());
+        }
         if let Some((kind, detail)) = run.finding(target, interactive) {
             // One report per kind and outcome: the same bug is found many times, with other numbers.
             let key = match &run.result {
@@ -438,7 +473,6 @@ mod tests {
     use targets::{header_bound, production_limits, request_bound};
 
     fn target(name: &str) -> &'static Target {
-        capture_panics();
         targets::by_name(name).unwrap()
     }
 
