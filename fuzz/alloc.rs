@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Larger single allocations fail (the process aborts, and the fuzzer's abort handler saves the
 /// input). 4 GiB unless `KILN_FUZZ_REFUSE_OVER` (bytes) says otherwise: set lower, it makes a large
-/// allocation abort where it happens, for a debugger (`break rust_oom`) to show who made it.
+/// allocation abort where it happens, for a debugger (`break abort`) to show who made it.
 static REFUSE_OVER: AtomicUsize = AtomicUsize::new(4 << 30);
 
 /// Reads `KILN_FUZZ_REFUSE_OVER`, once, at startup.
