@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::auth::signature::hex;
 use crate::domain::ErrorCode;
 use crate::rate_limit::Limiter;
 
@@ -114,10 +115,6 @@ impl Record {
     pub(super) async fn release_lease(&self, limiter: &Limiter) {
         let _ = limiter.redis().release(&self.user, &self.request_id).await;
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -305,6 +305,39 @@ pub async fn consume(channel: &Channel, queue: &str) -> lapin::Consumer {
         .unwrap()
 }
 
+/// A queue bound to the heartbeat exchange of `prefix` (declared here too, as the worker declares
+/// it), consumed on `channel`: every worker's beats.
+pub async fn heartbeats(channel: &Channel, prefix: &str) -> lapin::Consumer {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+    use lapin::types::FieldTable;
+    let exchange = kiln::observability::heartbeat::exchange_name(prefix);
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = exclusive_queue(channel).await;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "worker.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    consume(channel, &queue).await
+}
+
 /// Messages ready in a queue (not counting unacknowledged ones).
 pub async fn ready_messages(queue: &str) -> u32 {
     admin_channel()

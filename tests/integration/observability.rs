@@ -13,9 +13,9 @@ use kiln::domain::{ErrorCode, ReplyStatus, WireStyle};
 use kiln::observability::heartbeat;
 use kiln::rate_limit::AtLimit;
 use kiln::trace_context::TraceParent;
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -503,32 +503,7 @@ async fn heartbeats_describe_the_worker_and_the_last_one_says_stopping() {
     .await;
     counts_from_now(&app);
     let channel = admin_channel().await;
-    let exchange = heartbeat::exchange_name(&app.settings.amqp.topology.prefix);
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = exclusive_queue(&channel).await;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "worker.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = consume(&channel, &queue).await;
+    let mut consumer = crate::helpers::heartbeats(&channel, &app.settings.amqp.topology.prefix).await;
     let schema = heartbeat_schema();
 
     // Beats made before the worker recorded that it consumes may still say `starting`.

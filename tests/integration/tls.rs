@@ -18,13 +18,9 @@ use kiln::rate_limit::{AtLimit, RedisLimiter, TierSettings};
 use kiln::startup::Application;
 use kiln::submit::Producer;
 use kiln::tls::TlsFiles;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
-use lapin::types::FieldTable;
-use lapin::ExchangeKind;
 
 use crate::helpers::{
-    channel_on, consume, decode_png, exclusive_queue, free_port, read, repo, request, spawn_app_with, test_settings,
-    within, REPLY_TIMEOUT,
+    channel_on, decode_png, free_port, read, repo, request, spawn_app_with, test_settings, within, REPLY_TIMEOUT,
 };
 
 /// RabbitMQ and Redis with TLS listeners, stopped and removed when dropped.
@@ -141,32 +137,7 @@ async fn a_worker_serves_a_request_over_amqps_and_rediss_with_client_certificate
 
     // The heartbeat's own connection is TLS too: a beat arrives on the AMQPS broker.
     let channel = channel_on(&app.settings.amqp).await;
-    let exchange = kiln::observability::heartbeat::exchange_name(&app.settings.amqp.topology.prefix);
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = exclusive_queue(&channel).await;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "worker.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut beats = consume(&channel, &queue).await;
+    let mut beats = crate::helpers::heartbeats(&channel, &app.settings.amqp.topology.prefix).await;
 
     let broker = Broker::new(&app.settings.amqp).unwrap();
     let mut producer = Producer::connect(broker, &app.topology.requests).await.unwrap();
